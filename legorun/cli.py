@@ -1,0 +1,122 @@
+"""The `legorun` command line: run a guest, or one of the tool subcommands."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import sys
+
+from . import __version__
+
+USAGE = "legorun [OPTIONS] -- PROGRAM [ARGS...]\n       legorun bench [-n N] [--json] [OPTIONS] -- PROGRAM [ARGS...]"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="legorun", usage=USAGE,
+        description="Run PROGRAM with its files under each mount path served by a storage "
+                    "component (sComponent) over gRPC, as LegoOS's pComponent would.",
+        epilog="Without --storage, a local sComponent is started when the guest first touches "
+               "a mount, rooted at $XDG_DATA_HOME/legorun/storage (~/.local/share/legorun/storage).")
+    p.add_argument("--storage", metavar="ADDR",
+                   help="sComponent address: unix:/path or HOST:PORT (TCP needs --token)")
+    p.add_argument("--mount", metavar="GUEST_PATH", action="append",
+                   help="a guest path served by the sComponent (repeatable; default /lego)")
+    p.add_argument("--token", default=os.environ.get("LEGORUN_TOKEN"),
+                   help="shared token for components on TCP (default: $LEGORUN_TOKEN)")
+    p.add_argument("--tls-ca", metavar="FILE", help="CA certificate to reach components over TLS")
+    p.add_argument("-c", "--summary", action="store_true",
+                   help="print a summary of forwarded syscalls and RPCs at exit (like strace -c)")
+    p.add_argument("--stats-json", metavar="FILE", help="write the run's statistics as JSON")
+    p.add_argument("-V", "--version", action="version", version=f"legorun {__version__}")
+    p.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":
+        from . import bench
+        return bench.main(argv[1:])
+    args = build_parser().parse_args(argv)
+    command = args.command
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print(f"usage: {USAGE}", file=sys.stderr)
+        return 2
+    return run_guest(args, command)
+
+
+def run_guest(args, command: list) -> int:
+    from .session import FatalError, Session
+    from .tracer import LaunchError, Tracer
+
+    try:
+        session = Session(args.mount or ["/lego"], storage=args.storage, token=args.token,
+                          tls_ca=args.tls_ca)
+    except ValueError as e:
+        print(f"legorun: {e}", file=sys.stderr)
+        return 2
+    # The terminal sends these to the whole foreground group; the guest gets them itself.
+    for sig in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_IGN)
+    tracer = Tracer(session)
+    try:
+        tracer.spawn(command)
+        status = tracer.run()
+    except LaunchError as e:
+        print(f"legorun: {e}", file=sys.stderr)
+        return 2
+    except FatalError as e:
+        print(f"legorun: {e}", file=sys.stderr)
+        session.close()
+        return 2
+    finally:
+        pass
+    report(session, args)
+    session.close()
+    if os.WIFSIGNALED(status):
+        die_of_signal(os.WTERMSIG(status))
+    return os.WEXITSTATUS(status)
+
+
+def report(session, args) -> None:
+    stats = session.stats.as_dict()
+    stats["rpcs"] = session.rpc_stats()
+    if args.stats_json:
+        with open(args.stats_json, "w") as f:
+            json.dump(stats, f, indent=1)
+    if args.summary:
+        print_summary(stats, sys.stderr)
+
+
+def print_summary(stats: dict, out) -> None:
+    total_time = sum(v["time_s"] for v in stats["syscalls"].values()) or 1e-12
+    out.write(f"{'% time':>6} {'seconds':>11} {'usecs/call':>11} {'calls':>9} {'errors':>9} syscall\n")
+    out.write(f"{'-'*6} {'-'*11} {'-'*11} {'-'*9} {'-'*9} {'-'*16}\n")
+    rows = sorted(stats["syscalls"].items(), key=lambda kv: -kv[1]["time_s"])
+    for name, v in rows:
+        out.write(f"{100 * v['time_s'] / total_time:6.2f} {v['time_s']:11.6f} "
+                  f"{1e6 * v['time_s'] / v['count']:11.0f} {v['count']:9d} "
+                  f"{v['errors'] or '':>9} {name}\n")
+    calls = sum(v["count"] for v in stats["syscalls"].values())
+    errors = sum(v["errors"] for v in stats["syscalls"].values())
+    out.write(f"{'-'*6} {'-'*11} {'-'*11} {'-'*9} {'-'*9} {'-'*16}\n")
+    out.write(f"100.00 {total_time:11.6f} {'':>11} {calls:9d} {errors or '':>9} total\n")
+    out.write(f"ptrace stops: {stats['ptrace_stops']}\n")
+    for comp, s in stats.get("rpcs", {}).items():
+        out.write(f"{comp}: {json.dumps(s)}\n")
+
+
+def die_of_signal(sig: int) -> None:
+    """Die of the guest's signal, as strace does, so a shell sees a real signal death."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+    os.kill(os.getpid(), sig)
+    os._exit(128 + sig)

@@ -1,0 +1,82 @@
+"""Which guest paths are remote: mount points and path resolution.
+
+Paths are resolved as the kernel would, relative to the cwd or a dirfd,
+with '..'. Resolution is lexical: a local symlink that points into a mount
+is not followed (listed in the compatibility page).
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass
+
+
+@dataclass(eq=False)
+class Mount:
+    """A guest path whose subtree is served by a storage component."""
+    guest_path: str   # normalized absolute path, e.g. "/lego"
+    dev: int          # st_dev the guest sees for files on this mount
+    storage: object = None  # set by the session: the client serving it
+
+    def guest_name(self, rel: str) -> str:
+        return self.guest_path if not rel else f"{self.guest_path}/{rel}"
+
+
+def normalize(path: str) -> str:
+    """Lexical normalization of an absolute path ('//' at the start folds too)."""
+    path = posixpath.normpath(path)
+    if path.startswith("//"):
+        path = "/" + path.lstrip("/")
+    return path
+
+
+class MountTable:
+    def __init__(self, guest_paths: list) -> None:
+        self.mounts = []
+        for i, p in enumerate(guest_paths):
+            if not p.startswith("/"):
+                raise ValueError(f"mount path must be absolute: {p}")
+            # st_dev of a mount: a value no local device uses (major 0xfff, minor i)
+            dev = (0xFFF << 8) | i
+            self.mounts.append(Mount(normalize(p), dev))
+        self.mounts.sort(key=lambda m: len(m.guest_path), reverse=True)
+
+    def match(self, abspath: str):
+        """(Mount, rel) if the normalized absolute path lies on a mount, else None."""
+        for m in self.mounts:
+            g = m.guest_path
+            if abspath == g:
+                return m, ""
+            if abspath.startswith(g) and (g == "/" or abspath[len(g)] == "/"):
+                return m, abspath[len(g):].lstrip("/")
+        return None
+
+    def by_dev(self, dev: int):
+        for m in self.mounts:
+            if m.dev == dev:
+                return m
+        return None
+
+
+def join_rel(base: str, rel: str) -> str:
+    """Join a mount-relative base and a relative path, keeping '..' inside the mount."""
+    parts = [p for p in base.split("/") if p]
+    for comp in rel.split("/"):
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            if parts:
+                parts.pop()
+            else:
+                return None  # climbs above the mount root
+        else:
+            parts.append(comp)
+    return "/".join(parts)
+
+
+def local_cwd(tid: int) -> str:
+    return os.readlink(f"/proc/{tid}/cwd")
+
+
+def local_fd_path(tid: int, fd: int) -> str:
+    return os.readlink(f"/proc/{tid}/fd/{fd}")

@@ -1,0 +1,164 @@
+"""One legorun run: mounts, component clients, the remote open-file registry, stats."""
+from __future__ import annotations
+
+import errno as E
+import logging
+import os
+import secrets
+import signal
+import sys
+
+from .components import EmbeddedComponent, StartError, default_storage_root
+from .kernel.seccomp import SECCOMP_FILTER_FLAG_TSYNC, SECCOMP_SET_MODE_FILTER, SECCOMP_SYSCALL
+from .kernel.sysnums import NAMES
+from .paths import MountTable
+from .proto import storage_pb2 as pb
+from .stats import RunStats
+from .storage_client import ComponentError, StorageClient
+from .syscalls import table
+
+log = logging.getLogger(__name__)
+
+
+class FatalError(Exception):
+    """legorun must stop: a component cannot be reached (exit status 2)."""
+
+
+class Session:
+    def __init__(self, mounts: list, storage: str | None = None, token: str | None = None,
+                 tls_ca: str | None = None) -> None:
+        self.mounts = MountTable(mounts)
+        self.storage_address = storage
+        self.token = token
+        self.tls_ca = tls_ca
+        self.stats = RunStats()
+        self._client = None
+        self._embedded = []
+        self._failed = set()
+        self.open_files: dict = {}  # (mount, path) -> set of OpenFile
+
+    # ---- components
+
+    def storage(self, mount) -> StorageClient:
+        client = self._client
+        if client is None:
+            client = self._client = self._connect_storage()
+        return client
+
+    def _connect_storage(self) -> StorageClient:
+        address = self.storage_address
+        if address is None:
+            root = default_storage_root()
+            os.makedirs(root, exist_ok=True)
+            comp = EmbeddedComponent("scomponent", "legorun_components.scomponent", ["--root", root])
+            try:
+                address = comp.start()
+            except StartError as e:
+                raise FatalError(str(e)) from None
+            self._embedded.append(comp)
+        client = StorageClient(address, token=self.token, tls_ca=self.tls_ca, name="sComponent")
+        try:
+            client.connect()
+        except ComponentError as e:
+            raise FatalError(str(e)) from None
+        return client
+
+    def component_failed(self, err: ComponentError) -> None:
+        text = str(err)
+        if text not in self._failed:
+            self._failed.add(text)
+            self.say(f"{text}; the guest gets EIO")
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        for comp in self._embedded:
+            comp.stop()
+
+    def rpc_stats(self) -> dict:
+        return {"sComponent": self._client.stats()} if self._client is not None else {}
+
+    # ---- user-facing one-liners
+
+    def say(self, text: str) -> None:
+        print(f"legorun: {text}", file=sys.stderr, flush=True)
+
+    def on_guest_job_stop(self) -> None:
+        """The guest stopped for the terminal (Ctrl-Z): stop legorun too, so the shell sees it."""
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    def record(self, t, nr: int, result: int, seconds: float) -> None:
+        self.stats.record(NAMES.get(nr, str(nr)), result, seconds)
+
+    # ---- the remote fd table
+
+    def install_fd(self, tracer, t, fd: int, ofd, cloexec: bool) -> None:
+        proc = t.process
+        old = proc.fds.install(fd, ofd, cloexec)
+        if old is not None:
+            self.release(old)
+        self.open_files.setdefault((ofd.mount, ofd.path), set()).add(ofd)
+        if fd not in proc.covered_fds:
+            self._cover(tracer, t, fd)
+
+    def _cover(self, tracer, t, fd: int) -> None:
+        """Stack a filter so that this fd's calls stop in every thread of the process."""
+        prog = table.fd_filter(fd)
+        addr = t.scratch(len(prog) + 16)
+        t.poke(addr, (len(prog) // 8).to_bytes(2, "little") + bytes(6)
+               + (addr + 16).to_bytes(8, "little") + prog)
+        result = tracer.inject_syscall(t, SECCOMP_SYSCALL, (SECCOMP_SET_MODE_FILTER,
+                                                            SECCOMP_FILTER_FLAG_TSYNC, addr))
+        if result != 0:
+            raise RuntimeError(f"cannot stack the seccomp filter for fd {fd}: result {result}")
+        t.process.covered_fds.add(fd)
+
+    def release(self, ofd) -> None:
+        """The last fd of an open file description is gone."""
+        key = (ofd.mount, ofd.path)
+        group = self.open_files.get(key)
+        if group is not None:
+            group.discard(ofd)
+            if not group:
+                del self.open_files[key]
+        if ofd.silly_name is not None and key not in self.open_files:
+            try:
+                self.storage(ofd.mount).call(unlink=pb.Unlink(path=ofd.path))
+            except ComponentError as e:
+                self.component_failed(e)
+
+    def is_open(self, mount, rel: str) -> bool:
+        return (mount, rel) in self.open_files
+
+    def silly_rename(self, mount, rel: str) -> None:
+        """Unlink of an open file: hide it until the last close (as NFS clients do)."""
+        head, _, name = rel.rpartition("/")
+        hidden = f".legorun-{secrets.token_hex(6)}-{name}"[:255]
+        hidden = f"{head}/{hidden}" if head else hidden
+        reply = self.storage(mount).call(rename=pb.Rename(old_path=rel, new_path=hidden))
+        if reply.errno:
+            from .tracee import GuestError
+            raise GuestError(reply.errno)
+        self._move(mount, rel, hidden)
+        for ofd in self.open_files.get((mount, hidden), ()):
+            ofd.silly_name = hidden
+
+    def renamed(self, mount, old: str, new: str, exchange: bool = False) -> None:
+        if exchange:
+            tmp = f"\0{old}"
+            self._move(mount, old, tmp)
+            self._move(mount, new, old)
+            self._move(mount, tmp, new)
+        else:
+            self._move(mount, old, new)
+
+    def _move(self, mount, old: str, new: str) -> None:
+        prefix = old + "/"
+        for (m, path) in list(self.open_files):
+            if m is not mount or not (path == old or path.startswith(prefix)):
+                continue
+            moved = new + path[len(old):]
+            group = self.open_files.pop((m, path))
+            for ofd in group:
+                ofd.path = moved
+            self.open_files.setdefault((m, moved), set()).update(group)

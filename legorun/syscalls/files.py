@@ -1,0 +1,1278 @@
+"""File syscalls on a mount, forwarded to the sComponent.
+
+Every handler first decides whether its path or fd is remote; a local one
+returns None at once, so the local kernel serves it untouched.
+"""
+from __future__ import annotations
+
+import errno as E
+import os
+import stat as S
+import struct
+
+from ..fdtable import OpenFile
+from ..kernel.sysnums import NR
+from ..paths import join_rel, local_cwd, local_fd_path, normalize
+from ..proto import storage_pb2 as pb
+from ..storage_client import ComponentError
+from ..tracee import GuestError
+from .base import Rewrite, s32, s64
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_REMOVEDIR = 0x200
+AT_SYMLINK_FOLLOW = 0x400
+AT_EMPTY_PATH = 0x1000
+O_ACCMODE = 0o3
+O_WRONLY = 0o1
+O_RDWR = 0o2
+O_CREAT = 0o100
+O_EXCL = 0o200
+O_NOCTTY = 0o400
+O_TRUNC = 0o1000
+O_APPEND = 0o2000
+O_NONBLOCK = 0o4000
+O_DIRECTORY = 0o200000
+O_NOFOLLOW = 0o400000
+O_CLOEXEC = 0o2000000
+O_PATH = 0o10000000
+O_TMPFILE = 0o20000000 | O_DIRECTORY
+O_LARGEFILE = 0o100000
+SETFL_MASK = O_APPEND | O_NONBLOCK | 0o40000 | 0o1000000 | 0o20000  # APPEND NONBLOCK DIRECT NOATIME ASYNC
+SEEK_SET, SEEK_CUR, SEEK_END, SEEK_DATA, SEEK_HOLE = 0, 1, 2, 3, 4
+CHUNK = 1 << 20
+MAX_IO = 0x7FFFF000  # the kernel's MAX_RW_COUNT
+IOV_MAX = 1024
+NR_OPENAT = NR["openat"]
+NR_DUP = NR["dup"]
+NR_FCNTL = NR["fcntl"]
+
+
+# ---------------------------------------------------------------- resolution
+
+def _cwd(s, t):
+    fs = t.process.fs
+    if fs.cwd is None:
+        fs.cwd = local_cwd(t.tid)
+    return fs.cwd
+
+
+def resolve(s, t, dirfd: int, path: bytes, empty_ok: bool = False):
+    """(Mount, rel) when (dirfd, path) names something on a mount, else None.
+
+    With empty_ok and an empty path, the dirfd itself is meant (AT_EMPTY_PATH).
+    """
+    text = os.fsdecode(path)
+    if not text:
+        if not empty_ok:
+            raise GuestError(E.ENOENT)
+        return _fd_target(s, t, dirfd)
+    if text[0] == "/":
+        return s.mounts.match(normalize(text))
+    if dirfd == AT_FDCWD:
+        fs = t.process.fs
+        if fs.remote_cwd is not None:
+            mount, base = fs.remote_cwd
+            return _relative(s, mount, base, text)
+        return s.mounts.match(normalize(_cwd(s, t) + "/" + text))
+    ofd = t.process.fds.get(dirfd)
+    if ofd is not None:
+        if not ofd.is_dir:
+            raise GuestError(E.ENOTDIR)
+        return _relative(s, ofd.mount, ofd.path, text)
+    try:
+        base = local_fd_path(t.tid, dirfd)
+    except OSError:
+        raise GuestError(E.EBADF) from None
+    if not base.startswith("/"):
+        raise GuestError(E.ENOTDIR)
+    return s.mounts.match(normalize(base + "/" + text))
+
+
+def _relative(s, mount, base: str, text: str):
+    rel = join_rel(base, text)
+    if rel is None:  # '..' above the mount root leaves the mount
+        return s.mounts.match(normalize(mount.guest_name(base) + "/" + text))
+    return mount, rel
+
+
+def _fd_target(s, t, fd: int):
+    ofd = t.process.fds.get(fd)
+    if ofd is not None:
+        return ofd.mount, ofd.path
+    return None
+
+
+def path_arg(s, t, dirfd: int, addr: int, empty_ok: bool = False):
+    return resolve(s, t, dirfd, t.read_cstring(addr), empty_ok)
+
+
+# ---------------------------------------------------------------- RPC
+
+def rpc(s, mount, **op):
+    """One request to the mount's sComponent; its errno becomes the guest's."""
+    try:
+        reply = s.storage(mount).call(**op)
+    except ComponentError as e:
+        s.component_failed(e)
+        raise GuestError(E.EIO) from None
+    if reply.errno:
+        raise GuestError(reply.errno)
+    return reply
+
+
+def rpc_many(s, mount, ops: list):
+    try:
+        replies = s.storage(mount).pipeline(ops)
+    except ComponentError as e:
+        s.component_failed(e)
+        raise GuestError(E.EIO) from None
+    return replies
+
+
+# ---------------------------------------------------------------- attributes
+
+STAT_FMT = struct.Struct("<QQQIIIiQqqqqqqqqq24x")
+
+
+def pack_stat(mount, a) -> bytes:
+    return STAT_FMT.pack(mount.dev, a.ino, a.nlink, a.mode, a.uid, a.gid, 0, a.rdev,
+                         a.size, a.blksize, a.blocks,
+                         a.atime_ns // 10**9, a.atime_ns % 10**9,
+                         a.mtime_ns // 10**9, a.mtime_ns % 10**9,
+                         a.ctime_ns // 10**9, a.ctime_ns % 10**9)
+
+
+STATX_BASIC_STATS = 0x7FF
+
+
+def pack_statx(mount, a) -> bytes:
+    def ts(ns):
+        return struct.pack("<qI4x", ns // 10**9, ns % 10**9)
+    head = struct.pack("<IIQIIIHHQQQQ", STATX_BASIC_STATS, a.blksize, 0, a.nlink, a.uid, a.gid,
+                       a.mode, 0, a.ino, a.size, a.blocks, 0)
+    body = ts(a.atime_ns) + ts(0) + ts(a.ctime_ns) + ts(a.mtime_ns)
+    devs = struct.pack("<IIII", os.major(a.rdev), os.minor(a.rdev), mount.dev >> 8, mount.dev & 0xFF)
+    out = head + body + devs
+    return out + bytes(256 - len(out))
+
+
+def remote_stat(s, mount, rel: str, follow: bool = True):
+    return rpc(s, mount, stat=pb.Stat(path=rel, follow=follow)).attr
+
+
+def _stat_into(s, t, target, buf: int, follow: bool) -> int:
+    mount, rel = target
+    t.write_bytes(buf, pack_stat(mount, remote_stat(s, mount, rel, follow)))
+    return 0
+
+
+def sys_stat(s, t, a):
+    target = path_arg(s, t, AT_FDCWD, a[0])
+    return None if target is None else _stat_into(s, t, target, a[1], True)
+
+
+def sys_lstat(s, t, a):
+    target = path_arg(s, t, AT_FDCWD, a[0])
+    return None if target is None else _stat_into(s, t, target, a[1], False)
+
+
+def sys_fstat(s, t, a):
+    ofd = t.process.fds.get(s32(a[0]))
+    if ofd is None:
+        return None
+    return _stat_into(s, t, (ofd.mount, ofd.path), a[1], True)
+
+
+def sys_newfstatat(s, t, a):
+    flags = s32(a[3])
+    target = path_arg(s, t, s32(a[0]), a[1], empty_ok=bool(flags & AT_EMPTY_PATH))
+    if target is None:
+        return None
+    return _stat_into(s, t, target, a[2], not flags & AT_SYMLINK_NOFOLLOW)
+
+
+def sys_statx(s, t, a):
+    flags = s32(a[2])
+    target = path_arg(s, t, s32(a[0]), a[1], empty_ok=bool(flags & AT_EMPTY_PATH))
+    if target is None:
+        return None
+    mount, rel = target
+    attr = remote_stat(s, mount, rel, not flags & AT_SYMLINK_NOFOLLOW)
+    t.write_bytes(a[4], pack_statx(mount, attr))
+    return 0
+
+
+STATFS_FMT = struct.Struct("<qqQQQQQqqqq4q")
+
+
+def _statfs_into(s, t, target, buf: int) -> int:
+    mount, rel = target
+    r = rpc(s, mount, statfs=pb.Statfs(path=rel)).statfs
+    t.write_bytes(buf, STATFS_FMT.pack(r.type, r.bsize, r.blocks, r.bfree, r.bavail, r.files,
+                                       r.ffree, mount.dev, r.namelen, r.frsize, r.flags, 0, 0, 0, 0))
+    return 0
+
+
+def sys_statfs(s, t, a):
+    target = path_arg(s, t, AT_FDCWD, a[0])
+    return None if target is None else _statfs_into(s, t, target, a[1])
+
+
+def sys_fstatfs(s, t, a):
+    target = _fd_target(s, t, s32(a[0]))
+    return None if target is None else _statfs_into(s, t, target, a[1])
+
+
+def _access(s, target, mode: int) -> int:
+    mount, rel = target
+    rpc(s, mount, access=pb.Access(path=rel, mode=mode))
+    return 0
+
+
+def sys_access(s, t, a):
+    target = path_arg(s, t, AT_FDCWD, a[0])
+    return None if target is None else _access(s, target, s32(a[1]))
+
+
+def sys_faccessat(s, t, a):
+    target = path_arg(s, t, s32(a[0]), a[1])
+    return None if target is None else _access(s, target, s32(a[2]))
+
+
+def sys_faccessat2(s, t, a):
+    flags = s32(a[3])
+    target = path_arg(s, t, s32(a[0]), a[1], empty_ok=bool(flags & AT_EMPTY_PATH))
+    return None if target is None else _access(s, target, s32(a[2]))
+
+
+def _readlink(s, t, target, buf: int, size: int) -> int:
+    size = s32(size)
+    if size <= 0:
+        raise GuestError(E.EINVAL)
+    mount, rel = target
+    data = rpc(s, mount, readlink=pb.Readlink(path=rel)).data[:size]
+    return t.write_bytes(buf, data)
+
+
+def sys_readlink(s, t, a):
+    target = path_arg(s, t, AT_FDCWD, a[0])
+    return None if target is None else _readlink(s, t, target, a[1], a[2])
+
+
+def sys_readlinkat(s, t, a):
+    target = path_arg(s, t, s32(a[0]), a[1])
+    return None if target is None else _readlink(s, t, target, a[2], a[3])
+
+
+def _chmod(s, target, mode):
+    mount, rel = target
+    rpc(s, mount, chmod=pb.Chmod(path=rel, mode=mode & 0o7777))
+    return 0
+
+
+def sys_chmod(s, t, a):
+    target = path_arg(s, t, AT_FDCWD, a[0])
+    return None if target is None else _chmod(s, target, a[1])
+
+
+def sys_fchmod(s, t, a):
+    target = _fd_target(s, t, s32(a[0]))
+    return None if target is None else _chmod(s, target, a[1])
+
+
+def sys_fchmodat(s, t, a):
+    target = path_arg(s, t, s32(a[0]), a[1])
+    return None if target is None else _chmod(s, target, a[2])
+
+
+def sys_fchmodat2(s, t, a):
+    flags = s32(a[3])
+    target = path_arg(s, t, s32(a[0]), a[1], empty_ok=bool(flags & AT_EMPTY_PATH))
+    return None if target is None else _chmod(s, target, a[2])
+
+
+def _chown(s, target, uid, gid, follow):
+    mount, rel = target
+    rpc(s, mount, chown=pb.Chown(path=rel, uid=s32(uid), gid=s32(gid), follow=follow))
+    return 0
+
+
+def sys_chown(s, t, a):
+    target = path_arg(s, t, AT_FDCWD, a[0])
+    return None if target is None else _chown(s, target, a[1], a[2], True)
+
+
+def sys_lchown(s, t, a):
+    target = path_arg(s, t, AT_FDCWD, a[0])
+    return None if target is None else _chown(s, target, a[1], a[2], False)
+
+
+def sys_fchown(s, t, a):
+    target = _fd_target(s, t, s32(a[0]))
+    return None if target is None else _chown(s, target, a[1], a[2], True)
+
+
+def sys_fchownat(s, t, a):
+    flags = s32(a[4])
+    target = path_arg(s, t, s32(a[0]), a[1], empty_ok=bool(flags & AT_EMPTY_PATH))
+    return None if target is None else _chown(s, target, a[2], a[3], not flags & AT_SYMLINK_NOFOLLOW)
+
+
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
+
+def _utimens(s, target, times, follow=True):
+    """times: None (now, now) or ((sec, nsec), (sec, nsec)) with UTIME_* in nsec."""
+    mount, rel = target
+    op = pb.Utimens(path=rel, follow=follow)
+    if times is None:
+        op.atime_now = op.mtime_now = True
+    else:
+        (asec, ansec), (msec, mnsec) = times
+        for which, sec, nsec in (("atime", asec, ansec), ("mtime", msec, mnsec)):
+            if nsec == UTIME_NOW:
+                setattr(op, f"{which}_now", True)
+            elif nsec == UTIME_OMIT:
+                setattr(op, f"{which}_omit", True)
+            elif not 0 <= nsec < 10**9:
+                raise GuestError(E.EINVAL)
+            else:
+                setattr(op, f"{which}_ns", sec * 10**9 + nsec)
+    rpc(s, mount, utimens=op)
+    return 0
+
+
+def _read_timespecs(t, addr):
+    if addr == 0:
+        return None
+    asec, ansec, msec, mnsec = struct.unpack("<qqqq", t.read_bytes(addr, 32))
+    return (asec, ansec), (msec, mnsec)
+
+
+def _read_timevals(t, addr):
+    if addr == 0:
+        return None
+    asec, ausec, msec, musec = struct.unpack("<qqqq", t.read_bytes(addr, 32))
+    if not (0 <= ausec < 10**6 and 0 <= musec < 10**6):
+        raise GuestError(E.EINVAL)
+    return (asec, ausec * 1000), (msec, musec * 1000)
+
+
+def sys_utimensat(s, t, a):
+    dirfd, flags = s32(a[0]), s32(a[3])
+    if a[1] == 0:  # utimensat(fd, NULL, ...) acts on the fd itself (futimens)
+        target = _fd_target(s, t, dirfd)
+    else:
+        target = path_arg(s, t, dirfd, a[1], empty_ok=bool(flags & AT_EMPTY_PATH))
+    if target is None:
+        return None
+    return _utimens(s, target, _read_timespecs(t, a[2]), not flags & AT_SYMLINK_NOFOLLOW)
+
+
+def sys_utimes(s, t, a):
+    target = path_arg(s, t, AT_FDCWD, a[0])
+    return None if target is None else _utimens(s, target, _read_timevals(t, a[1]))
+
+
+def sys_futimesat(s, t, a):
+    target = path_arg(s, t, s32(a[0]), a[1])
+    return None if target is None else _utimens(s, target, _read_timevals(t, a[2]))
+
+
+def sys_utime(s, t, a):
+    target = path_arg(s, t, AT_FDCWD, a[0])
+    if target is None:
+        return None
+    times = None
+    if a[1]:
+        atime, mtime = struct.unpack("<qq", t.read_bytes(a[1], 16))
+        times = ((atime, 0), (mtime, 0))
+    return _utimens(s, target, times)
+
+
+def sys_truncate(s, t, a):
+    target = path_arg(s, t, AT_FDCWD, a[0])
+    if target is None:
+        return None
+    length = s64(a[1])
+    if length < 0:
+        raise GuestError(E.EINVAL)
+    mount, rel = target
+    rpc(s, mount, truncate=pb.Truncate(path=rel, length=length))
+    return 0
+
+
+# ---------------------------------------------------------------- opening
+
+def _umask(t) -> int:
+    fs = t.process.fs
+    if fs.umask is None:
+        with open(f"/proc/{t.tid}/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    fs.umask = int(line.split()[1], 8)
+                    break
+            else:
+                fs.umask = 0o022
+    return fs.umask
+
+
+def _open(s, t, target, flags: int, mode: int):
+    mount, rel = target
+    if flags & O_TMPFILE == O_TMPFILE:
+        raise GuestError(E.EOPNOTSUPP)
+    if flags & O_PATH:
+        flags &= O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC
+        attr = remote_stat(s, mount, rel, follow=not flags & O_NOFOLLOW)
+        if flags & O_DIRECTORY and not S.S_ISDIR(attr.mode):
+            raise GuestError(E.ENOTDIR)
+    else:
+        wire = flags & (O_ACCMODE | O_CREAT | O_EXCL | O_TRUNC | O_DIRECTORY | O_NOFOLLOW)
+        attr = rpc(s, mount, open=pb.Open(path=rel, flags=wire,
+                                            mode=mode & 0o7777 & ~_umask(t))).attr
+    ofd = OpenFile(mount, rel, flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC | O_NOCTTY),
+                   is_dir=S.S_ISDIR(attr.mode))
+    ofd.ino = attr.ino
+    return _placeholder(s, t, ofd, bool(flags & O_CLOEXEC))
+
+
+def _placeholder(s, t, ofd: OpenFile, cloexec: bool) -> Rewrite:
+    """Let the kernel reserve the fd number: openat("/", O_PATH) at the guest's fd slot."""
+    addr = t.scratch(16)
+
+    def finish(tracer, t, fd):
+        if fd < 0:
+            return fd
+        s.install_fd(tracer, t, fd, ofd, cloexec)
+        return fd
+
+    return Rewrite(NR_OPENAT, (AT_FDCWD, addr, O_PATH | (O_CLOEXEC if cloexec else 0), 0),
+                   finish, pokes=((addr, b"/\0"),))
+
+
+def sys_open(s, t, a):
+    target = path_arg(s, t, AT_FDCWD, a[0])
+    return None if target is None else _open(s, t, target, s32(a[1]), a[2])
+
+
+def sys_creat(s, t, a):
+    target = path_arg(s, t, AT_FDCWD, a[0])
+    return None if target is None else _open(s, t, target, O_CREAT | O_WRONLY | O_TRUNC, a[1])
+
+
+def sys_openat(s, t, a):
+    target = path_arg(s, t, s32(a[0]), a[1])
+    return None if target is None else _open(s, t, target, s32(a[2]), a[3])
+
+
+def sys_openat2(s, t, a):
+    size = a[3]
+    if size < 24:
+        raise GuestError(E.EINVAL)
+    target = path_arg(s, t, s32(a[0]), a[1])
+    if target is None:
+        return None
+    flags, mode, _resolve = struct.unpack("<QQQ", t.read_bytes(a[2], 24))
+    return _open(s, t, target, flags, mode)
+
+
+# ---------------------------------------------------------------- fd table
+
+def sys_close(s, t, a):
+    fd = s32(a[0])
+    fds = t.process.fds
+    if fd not in fds:
+        return None
+    ofd = fds.remove(fd)
+    if ofd is not None:
+        s.release(ofd)
+    return None  # the kernel closes the placeholder and returns 0
+
+
+def sys_close_range(s, t, a):
+    first, last, flags = a[0] & 0xFFFFFFFF, a[1] & 0xFFFFFFFF, s32(a[2])
+    fds = t.process.fds
+    if flags & 2:  # CLOSE_RANGE_UNSHARE
+        t.process.fds = fds = fds.copy_private()
+    for fd in [fd for fd in fds.entries if first <= fd <= last]:
+        if flags & 4:  # CLOSE_RANGE_CLOEXEC
+            fds.set_cloexec(fd, True)
+        else:
+            ofd = fds.remove(fd)
+            if ofd is not None:
+                s.release(ofd)
+    return None
+
+
+def _dup_rewrite(s, t, nr, args, ofd, cloexec):
+    def finish(tracer, t, newfd):
+        if newfd >= 0:
+            s.install_fd(tracer, t, newfd, ofd, cloexec)
+        return newfd
+    return Rewrite(nr, args, finish)
+
+
+def sys_dup(s, t, a):
+    ofd = t.process.fds.get(s32(a[0]))
+    if ofd is None:
+        return None
+    return _dup_rewrite(s, t, NR_DUP, a, ofd, False)
+
+
+def _dup2(s, t, a, nr, cloexec):
+    old, new = s32(a[0]), s32(a[1])
+    fds = t.process.fds
+    ofd = fds.get(old)
+    if ofd is None and new not in fds:
+        return None
+    if old == new:
+        return None  # dup2 returns it unchanged; dup3 fails with EINVAL natively
+
+    def finish(tracer, t, result):
+        if result >= 0:
+            if ofd is not None:
+                s.install_fd(tracer, t, new, ofd, cloexec)
+            else:
+                gone = fds.remove(new)
+                if gone is not None:
+                    s.release(gone)
+        return result
+    return Rewrite(nr, a, finish)
+
+
+def sys_dup2(s, t, a):
+    return _dup2(s, t, a, NR["dup2"], False)
+
+
+def sys_dup3(s, t, a):
+    return _dup2(s, t, a, NR["dup3"], bool(s32(a[2]) & O_CLOEXEC))
+
+
+F_DUPFD, F_GETFD, F_SETFD, F_GETFL, F_SETFL = 0, 1, 2, 3, 4
+F_GETLK, F_SETLK, F_SETLKW = 5, 6, 7
+F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW = 36, 37, 38
+F_DUPFD_CLOEXEC = 1030
+FD_CLOEXEC = 1
+
+
+def sys_fcntl(s, t, a):
+    fd, cmd = s32(a[0]), s32(a[1])
+    fds = t.process.fds
+    ofd = fds.get(fd)
+    if ofd is None:
+        return None
+    if cmd in (F_DUPFD, F_DUPFD_CLOEXEC):
+        return _dup_rewrite(s, t, NR_FCNTL, a, ofd, cmd == F_DUPFD_CLOEXEC)
+    if cmd == F_GETFD:
+        return FD_CLOEXEC if fds.cloexec(fd) else 0
+    if cmd == F_SETFD:
+        fds.set_cloexec(fd, bool(a[2] & FD_CLOEXEC))
+        return None  # the placeholder's flag follows, so exec closes it too
+    if cmd == F_GETFL:
+        return ofd.flags | O_LARGEFILE
+    if cmd == F_SETFL:
+        ofd.flags = (ofd.flags & ~SETFL_MASK) | (s32(a[2]) & SETFL_MASK)
+        return 0
+    if cmd in (F_GETLK, F_SETLK, F_SETLKW, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW):
+        raise GuestError(E.ENOLCK)
+    raise GuestError(E.EINVAL)
+
+
+def sys_flock(s, t, a):
+    if s32(a[0]) not in t.process.fds:
+        return None
+    raise GuestError(E.ENOLCK)
+
+
+def sys_ioctl(s, t, a):
+    if s32(a[0]) not in t.process.fds:
+        return None
+    raise GuestError(E.ENOTTY)
+
+
+def sys_mmap(s, t, a):
+    if s32(a[4]) not in t.process.fds or a[3] & 0x20:  # MAP_ANONYMOUS ignores fd
+        return None
+    raise GuestError(E.ENODEV)
+
+
+def sys_noop(s, t, a):
+    if s32(a[0]) not in t.process.fds:
+        return None
+    return 0
+
+
+def refuse_fd(err):
+    def handler(s, t, a):
+        if s32(a[0]) not in t.process.fds:
+            return None
+        raise GuestError(err)
+    return handler
+
+
+def refuse_path(err, dirfd: bool = False, path_arg_index: int | None = None, path_arg=None):
+    """A path call refused with `err` on a mount (local paths run untouched)."""
+    index = path_arg if path_arg is not None else (1 if dirfd else 0)
+
+    def handler(s, t, a):
+        d = s32(a[0]) if dirfd else AT_FDCWD
+        if resolve(s, t, d, t.read_cstring(a[index]), empty_ok=dirfd) is None:
+            return None
+        raise GuestError(err)
+    return handler
+
+
+# ---------------------------------------------------------------- data
+
+def _readable(ofd):
+    if ofd.flags & O_PATH or ofd.flags & O_ACCMODE == O_WRONLY:
+        raise GuestError(E.EBADF)
+    if ofd.is_dir:
+        raise GuestError(E.EISDIR)
+
+
+def _writable(ofd):
+    if ofd.flags & O_PATH or ofd.flags & O_ACCMODE not in (O_WRONLY, O_RDWR):
+        raise GuestError(E.EBADF)
+
+
+def _pull(s, ofd, offset: int, count: int) -> bytes:
+    """Read up to count bytes at offset from the server (short at end of file)."""
+    count = min(count, MAX_IO)
+    if count <= CHUNK:
+        return rpc(s, ofd.mount, read=pb.Read(path=ofd.path, offset=offset, length=count)).data
+    ops = [{"read": pb.Read(path=ofd.path, offset=off, length=min(CHUNK, offset + count - off))}
+           for off in range(offset, offset + count, CHUNK)]
+    out = []
+    for reply in rpc_many(s, ofd.mount, ops):
+        if reply.errno:
+            if out:
+                break
+            raise GuestError(reply.errno)
+        out.append(reply.data)
+        if len(reply.data) < CHUNK:
+            break
+    return b"".join(out)
+
+
+def _push(s, ofd, offset: int | None, data: bytes) -> tuple:
+    """Write data at offset (None: append); returns (count, offset written at)."""
+    append = offset is None
+    if len(data) <= CHUNK:
+        r = rpc(s, ofd.mount, write=pb.Write(path=ofd.path, offset=offset or 0, data=data,
+                                              append=append)).written
+        return r.count, r.offset
+    if append:  # one atomic append, as the kernel does for one write(2)
+        r = rpc(s, ofd.mount, write=pb.Write(path=ofd.path, data=data, append=True)).written
+        return r.count, r.offset
+    mv = memoryview(data)
+    ops = [{"write": pb.Write(path=ofd.path, offset=offset + i, data=bytes(mv[i:i + CHUNK]))}
+           for i in range(0, len(data), CHUNK)]
+    done = 0
+    for reply in rpc_many(s, ofd.mount, ops):
+        if reply.errno:
+            if done:
+                break
+            raise GuestError(reply.errno)
+        done += reply.written.count
+    return done, offset
+
+
+def _read_to(s, t, ofd, buf: int, count: int, offset: int) -> int:
+    data = _pull(s, ofd, offset, count)
+    return t.write_bytes(buf, data) if data else 0
+
+
+def _write_from(s, t, ofd, buf: int, count: int, offset: int | None) -> int:
+    count = min(count, MAX_IO)
+    data = t.read_prefix(buf, count)
+    if not data and count:
+        raise GuestError(E.EFAULT)
+    n, _ = _push(s, ofd, offset, data)
+    return n
+
+
+def sys_read(s, t, a):
+    ofd = t.process.fds.get(s32(a[0]))
+    if ofd is None:
+        return None
+    _readable(ofd)
+    n = _read_to(s, t, ofd, a[1], a[2], ofd.offset)
+    ofd.offset += n
+    return n
+
+
+def sys_pread64(s, t, a):
+    ofd = t.process.fds.get(s32(a[0]))
+    if ofd is None:
+        return None
+    _readable(ofd)
+    if s64(a[3]) < 0:
+        raise GuestError(E.EINVAL)
+    return _read_to(s, t, ofd, a[1], a[2], a[3])
+
+
+def sys_write(s, t, a):
+    ofd = t.process.fds.get(s32(a[0]))
+    if ofd is None:
+        return None
+    _writable(ofd)
+    if ofd.flags & O_APPEND:
+        data = t.read_prefix(a[1], min(a[2], MAX_IO))
+        if not data and a[2]:
+            raise GuestError(E.EFAULT)
+        n, at = _push(s, ofd, None, data)
+        ofd.offset = at + n
+        return n
+    n = _write_from(s, t, ofd, a[1], a[2], ofd.offset)
+    ofd.offset += n
+    return n
+
+
+def sys_pwrite64(s, t, a):
+    ofd = t.process.fds.get(s32(a[0]))
+    if ofd is None:
+        return None
+    _writable(ofd)
+    if s64(a[3]) < 0:
+        raise GuestError(E.EINVAL)
+    # Linux appends even for pwrite on an O_APPEND file
+    return _write_from(s, t, ofd, a[1], a[2], None if ofd.flags & O_APPEND else a[3])
+
+
+def _iovecs(t, addr: int, count: int) -> list:
+    count = s32(count)
+    if count < 0 or count > IOV_MAX:
+        raise GuestError(E.EINVAL)
+    if count == 0:
+        return []
+    raw = t.read_bytes(addr, 16 * count)
+    vecs = [struct.unpack_from("<QQ", raw, 16 * i) for i in range(count)]
+    if sum(n for _, n in vecs) > 0x7FFFFFFFFFFFFFFF:
+        raise GuestError(E.EINVAL)
+    return vecs
+
+
+def _readv(s, t, ofd, vecs, offset: int) -> int:
+    total = sum(n for _, n in vecs)
+    data = _pull(s, ofd, offset, total)
+    done = 0
+    for base, n in vecs:
+        piece = data[done:done + n]
+        if not piece:
+            break
+        wrote = t.write_bytes(base, piece) if done == 0 else _try_write(t, base, piece)
+        done += wrote
+        if wrote < len(piece):
+            break
+    return done
+
+
+def _try_write(t, base, piece):
+    try:
+        return t.write_bytes(base, piece)
+    except GuestError:
+        return 0
+
+
+def _gather(t, vecs) -> bytes:
+    out = []
+    for i, (base, n) in enumerate(vecs):
+        try:
+            piece = t.read_prefix(base, n) if n else b""
+        except GuestError:
+            if i == 0 or not out:
+                raise
+            break
+        out.append(piece)
+        if len(piece) < n:
+            break
+    data = b"".join(out)
+    if not data and sum(n for _, n in vecs):
+        raise GuestError(E.EFAULT)
+    return data
+
+
+def _writev(s, t, ofd, vecs, offset) -> int:
+    data = _gather(t, vecs)
+    if not data:
+        return 0
+    n, at = _push(s, ofd, offset, data)
+    if offset is None:
+        ofd.offset = at + n
+    return n
+
+
+def sys_readv(s, t, a):
+    ofd = t.process.fds.get(s32(a[0]))
+    if ofd is None:
+        return None
+    _readable(ofd)
+    n = _readv(s, t, ofd, _iovecs(t, a[1], a[2]), ofd.offset)
+    ofd.offset += n
+    return n
+
+
+def sys_writev(s, t, a):
+    ofd = t.process.fds.get(s32(a[0]))
+    if ofd is None:
+        return None
+    _writable(ofd)
+    vecs = _iovecs(t, a[1], a[2])
+    if ofd.flags & O_APPEND:
+        return _writev(s, t, ofd, vecs, None)
+    n = _writev(s, t, ofd, vecs, ofd.offset)
+    ofd.offset += n
+    return n
+
+
+def _pos(lo: int, hi: int = 0) -> int:
+    return s64(lo)
+
+
+def sys_preadv(s, t, a):
+    ofd = t.process.fds.get(s32(a[0]))
+    if ofd is None:
+        return None
+    _readable(ofd)
+    offset = s64(a[3])
+    if offset == -1:  # preadv2 with -1 uses the file offset
+        n = _readv(s, t, ofd, _iovecs(t, a[1], a[2]), ofd.offset)
+        ofd.offset += n
+        return n
+    if offset < 0:
+        raise GuestError(E.EINVAL)
+    return _readv(s, t, ofd, _iovecs(t, a[1], a[2]), offset)
+
+
+sys_preadv2 = sys_preadv
+RWF_APPEND = 0x10
+
+
+def sys_pwritev(s, t, a):
+    ofd = t.process.fds.get(s32(a[0]))
+    if ofd is None:
+        return None
+    _writable(ofd)
+    offset = s64(a[3])
+    vecs = _iovecs(t, a[1], a[2])
+    if ofd.flags & O_APPEND:
+        return _writev(s, t, ofd, vecs, None)
+    if offset == -1:
+        n = _writev(s, t, ofd, vecs, ofd.offset)
+        ofd.offset += n
+        return n
+    if offset < 0:
+        raise GuestError(E.EINVAL)
+    return _writev(s, t, ofd, vecs, offset)
+
+
+def sys_pwritev2(s, t, a):
+    ofd = t.process.fds.get(s32(a[0]))
+    if ofd is None:
+        return None
+    if s32(a[5]) & RWF_APPEND:
+        _writable(ofd)
+        return _writev(s, t, ofd, _iovecs(t, a[1], a[2]), None)
+    return sys_pwritev(s, t, a)
+
+
+def sys_lseek(s, t, a):
+    ofd = t.process.fds.get(s32(a[0]))
+    if ofd is None:
+        return None
+    offset, whence = s64(a[1]), s32(a[2])
+    if ofd.is_dir:
+        if whence == SEEK_SET and offset == 0:
+            ofd.dir_after, ofd.dir_pos, ofd.dir_end = "", 0, False
+            return 0
+        if whence == SEEK_CUR and offset == 0:
+            return ofd.dir_pos
+        raise GuestError(E.EINVAL)
+    if whence == SEEK_SET:
+        new = offset
+    elif whence == SEEK_CUR:
+        new = ofd.offset + offset
+    elif whence in (SEEK_END, SEEK_DATA, SEEK_HOLE):
+        size = remote_stat(s, ofd.mount, ofd.path).size
+        if whence == SEEK_END:
+            new = size + offset
+        elif offset < 0 or offset >= size:
+            raise GuestError(E.ENXIO)
+        else:
+            new = offset if whence == SEEK_DATA else size
+    else:
+        raise GuestError(E.EINVAL)
+    if new < 0:
+        raise GuestError(E.EINVAL)
+    ofd.offset = new
+    return new
+
+
+def _copy_between(s, src, src_off, dst, dst_off, count):
+    data = _pull(s, src, src_off, count)
+    if not data:
+        return 0
+    n, _ = _push(s, dst, dst_off, data)
+    return n
+
+
+def sys_sendfile(s, t, a):
+    fds = t.process.fds
+    out_fd, in_fd = s32(a[0]), s32(a[1])
+    dst, src = fds.get(out_fd), fds.get(in_fd)
+    if dst is None and src is None:
+        return None
+    if dst is None or src is None:
+        raise GuestError(E.EINVAL)
+    _readable(src)
+    _writable(dst)
+    if a[2]:
+        off = struct.unpack("<q", t.read_bytes(a[2], 8))[0]
+        n = _copy_between(s, src, off, dst, None if dst.flags & O_APPEND else dst.offset, a[3])
+        t.write_bytes(a[2], struct.pack("<q", off + n))
+    else:
+        n = _copy_between(s, src, src.offset, dst, None if dst.flags & O_APPEND else dst.offset, a[3])
+        src.offset += n
+    if not dst.flags & O_APPEND:
+        dst.offset += n
+    return n
+
+
+def sys_copy_file_range(s, t, a):
+    fds = t.process.fds
+    src, dst = fds.get(s32(a[0])), fds.get(s32(a[2]))
+    if src is None and dst is None:
+        return None
+    if src is None or dst is None:
+        raise GuestError(E.EXDEV)
+    _readable(src)
+    _writable(dst)
+    if dst.flags & O_APPEND:
+        raise GuestError(E.EBADF)
+    src_off = struct.unpack("<q", t.read_bytes(a[1], 8))[0] if a[1] else src.offset
+    dst_off = struct.unpack("<q", t.read_bytes(a[3], 8))[0] if a[3] else dst.offset
+    n = _copy_between(s, src, src_off, dst, dst_off, a[4])
+    if a[1]:
+        t.write_bytes(a[1], struct.pack("<q", src_off + n))
+    else:
+        src.offset += n
+    if a[3]:
+        t.write_bytes(a[3], struct.pack("<q", dst_off + n))
+    else:
+        dst.offset += n
+    return n
+
+
+def sys_splice(s, t, a):
+    fds = t.process.fds
+    if s32(a[0]) in fds or (s32(a[2]) in fds):
+        raise GuestError(E.EINVAL)
+    return None
+
+
+def sys_fsync(s, t, a):
+    ofd = t.process.fds.get(s32(a[0]))
+    if ofd is None:
+        return None
+    rpc(s, ofd.mount, fsync=pb.Fsync(path=ofd.path, data_only=False))
+    return 0
+
+
+def sys_fdatasync(s, t, a):
+    ofd = t.process.fds.get(s32(a[0]))
+    if ofd is None:
+        return None
+    rpc(s, ofd.mount, fsync=pb.Fsync(path=ofd.path, data_only=True))
+    return 0
+
+
+def sys_ftruncate(s, t, a):
+    ofd = t.process.fds.get(s32(a[0]))
+    if ofd is None:
+        return None
+    length = s64(a[1])
+    if length < 0:
+        raise GuestError(E.EINVAL)
+    if ofd.is_dir or ofd.flags & O_ACCMODE == 0:
+        raise GuestError(E.EINVAL if ofd.is_dir else E.EINVAL)
+    rpc(s, ofd.mount, truncate=pb.Truncate(path=ofd.path, length=length))
+    return 0
+
+
+def sys_fallocate(s, t, a):
+    ofd = t.process.fds.get(s32(a[0]))
+    if ofd is None:
+        return None
+    _writable(ofd)
+    offset, length = s64(a[2]), s64(a[3])
+    if offset < 0 or length <= 0:
+        raise GuestError(E.EINVAL)
+    rpc(s, ofd.mount, fallocate=pb.Fallocate(path=ofd.path, mode=s32(a[1]), offset=offset, length=length))
+    return 0
+
+
+# ---------------------------------------------------------------- directories
+
+DIRENT64_HEAD = struct.Struct("<QqHB")
+DT_DIR = 4
+
+
+def _dir_records(s, ofd, count: int, pack):
+    """Fill up to `count` bytes of records, resuming after ofd.dir_after."""
+    out = bytearray()
+    if ofd.dir_pos < 2:  # '.' and '..' come first, as on most file systems
+        for name in (".", "..")[ofd.dir_pos:]:
+            rec = pack(ofd.ino, ofd.dir_pos + 1, DT_DIR, name.encode())
+            if len(out) + len(rec) > count:
+                return out
+            out += rec
+            ofd.dir_pos += 1
+    while not ofd.dir_end:
+        reply = rpc(s, ofd.mount, readdir=pb.Readdir(path=ofd.path, after=ofd.dir_after,
+                                                      max_entries=max(8, count // 24)))
+        batch = reply.entries
+        for entry in batch.entries:
+            rec = pack(entry.ino, ofd.dir_pos + 1, entry.type, os.fsencode(entry.name))
+            if len(out) + len(rec) > count:
+                return out
+            out += rec
+            ofd.dir_pos += 1
+            ofd.dir_after = entry.name
+        if batch.end or not batch.entries:
+            ofd.dir_end = True
+    return out
+
+
+def _pack_dirent64(ino, off, dtype, name: bytes) -> bytes:
+    reclen = (DIRENT64_HEAD.size + len(name) + 1 + 7) & ~7
+    return DIRENT64_HEAD.pack(ino, off, reclen, dtype) + name + bytes(reclen - DIRENT64_HEAD.size - len(name))
+
+
+def _pack_dirent(ino, off, dtype, name: bytes) -> bytes:
+    # struct linux_dirent: u64 ino, s64 off, u16 reclen, name, NUL, pad, type in the last byte
+    reclen = (18 + len(name) + 2 + 7) & ~7
+    body = struct.pack("<QqH", ino, off, reclen) + name
+    return body + bytes(reclen - len(body) - 1) + bytes([dtype])
+
+
+def _getdents(s, t, a, pack):
+    ofd = t.process.fds.get(s32(a[0]))
+    if ofd is None:
+        return None
+    if not ofd.is_dir:
+        raise GuestError(E.ENOTDIR)
+    count = a[2] & 0xFFFFFFFF
+    state = (ofd.dir_after, ofd.dir_pos, ofd.dir_end)
+    out = _dir_records(s, ofd, count, pack)
+    if not out and not ofd.dir_end:
+        raise GuestError(E.EINVAL)  # the buffer cannot hold the next record
+    try:
+        t.write_bytes(a[1], bytes(out))
+    except GuestError:
+        ofd.dir_after, ofd.dir_pos, ofd.dir_end = state
+        raise
+    return len(out)
+
+
+def sys_getdents64(s, t, a):
+    return _getdents(s, t, a, _pack_dirent64)
+
+
+def sys_getdents(s, t, a):
+    return _getdents(s, t, a, _pack_dirent)
+
+
+def sys_mkdir(s, t, a):
+    target = path_arg(s, t, AT_FDCWD, a[0])
+    return None if target is None else _mkdir(s, t, target, a[1])
+
+
+def sys_mkdirat(s, t, a):
+    target = path_arg(s, t, s32(a[0]), a[1])
+    return None if target is None else _mkdir(s, t, target, a[2])
+
+
+def _mkdir(s, t, target, mode):
+    mount, rel = target
+    if not rel:
+        raise GuestError(E.EEXIST)
+    rpc(s, mount, mkdir=pb.Mkdir(path=rel, mode=mode & 0o7777 & ~_umask(t)))
+    return 0
+
+
+def _rmdir(s, target):
+    mount, rel = target
+    if not rel:
+        raise GuestError(E.EBUSY)
+    rpc(s, mount, rmdir=pb.Rmdir(path=rel))
+    return 0
+
+
+def sys_rmdir(s, t, a):
+    target = path_arg(s, t, AT_FDCWD, a[0])
+    return None if target is None else _rmdir(s, target)
+
+
+def _unlink(s, target):
+    mount, rel = target
+    if not rel:
+        raise GuestError(E.EISDIR)
+    if s.is_open(mount, rel):
+        s.silly_rename(mount, rel)
+        return 0
+    rpc(s, mount, unlink=pb.Unlink(path=rel))
+    return 0
+
+
+def sys_unlink(s, t, a):
+    target = path_arg(s, t, AT_FDCWD, a[0])
+    return None if target is None else _unlink(s, target)
+
+
+def sys_unlinkat(s, t, a):
+    target = path_arg(s, t, s32(a[0]), a[1])
+    if target is None:
+        return None
+    return _rmdir(s, target) if s32(a[2]) & AT_REMOVEDIR else _unlink(s, target)
+
+
+def _two_paths(s, t, d1, p1, d2, p2):
+    src = path_arg(s, t, d1, p1)
+    dst = path_arg(s, t, d2, p2)
+    if src is None and dst is None:
+        return None
+    if src is None or dst is None or src[0] is not dst[0]:
+        raise GuestError(E.EXDEV)
+    return src, dst
+
+
+def _rename(s, t, d1, p1, d2, p2, flags=0):
+    pair = _two_paths(s, t, d1, p1, d2, p2)
+    if pair is None:
+        return None
+    (mount, old), (_, new) = pair
+    if not old or not new:
+        raise GuestError(E.EBUSY)
+    if s.is_open(mount, new) and not flags & 2:  # the replaced file stays readable by its fds
+        s.silly_rename(mount, new)
+    rpc(s, mount, rename=pb.Rename(old_path=old, new_path=new, flags=flags))
+    s.renamed(mount, old, new, exchange=bool(flags & 2))
+    return 0
+
+
+def sys_rename(s, t, a):
+    return _rename(s, t, AT_FDCWD, a[0], AT_FDCWD, a[1])
+
+
+def sys_renameat(s, t, a):
+    return _rename(s, t, s32(a[0]), a[1], s32(a[2]), a[3])
+
+
+def sys_renameat2(s, t, a):
+    return _rename(s, t, s32(a[0]), a[1], s32(a[2]), a[3], s32(a[4]))
+
+
+def _link(s, t, d1, p1, d2, p2, flags=0):
+    pair = _two_paths(s, t, d1, p1, d2, p2)
+    if pair is None:
+        return None
+    (mount, old), (_, new) = pair
+    rpc(s, mount, link=pb.Link(old_path=old, new_path=new))
+    return 0
+
+
+def sys_link(s, t, a):
+    return _link(s, t, AT_FDCWD, a[0], AT_FDCWD, a[1])
+
+
+def sys_linkat(s, t, a):
+    return _link(s, t, s32(a[0]), a[1], s32(a[2]), a[3], s32(a[4]))
+
+
+def _symlink(s, t, target_addr, dirfd, path_addr):
+    where = path_arg(s, t, dirfd, path_addr)
+    if where is None:
+        return None
+    target = os.fsdecode(t.read_cstring(target_addr))
+    if not target:
+        raise GuestError(E.ENOENT)
+    mount, rel = where
+    rpc(s, mount, symlink=pb.Symlink(target=target, path=rel))
+    return 0
+
+
+def sys_symlink(s, t, a):
+    return _symlink(s, t, a[0], AT_FDCWD, a[1])
+
+
+def sys_symlinkat(s, t, a):
+    return _symlink(s, t, a[0], s32(a[1]), a[2])
+
+
+# ---------------------------------------------------------------- the cwd
+
+def _enter(s, t, target):
+    mount, rel = target
+    attr = remote_stat(s, mount, rel)
+    if not S.S_ISDIR(attr.mode):
+        raise GuestError(E.ENOTDIR)
+    fs = t.process.fs
+    fs.remote_cwd = (mount, rel)
+    return 0
+
+
+def sys_chdir(s, t, a):
+    target = path_arg(s, t, AT_FDCWD, a[0])
+    if target is not None:
+        return _enter(s, t, target)
+    fs = t.process.fs
+    if fs.remote_cwd is None:
+        fs.cwd = None  # re-read after a local chdir
+        return None
+    # leaving a mount: the kernel's own cwd never moved, so give it the full path
+    path = os.fsdecode(t.read_cstring(a[0]))
+    mount, base = fs.remote_cwd
+    local = path if path.startswith("/") else normalize(mount.guest_name(base) + "/" + path)
+    addr = t.scratch(len(local) + 1)
+
+    def finish(tracer, t, result):
+        if result == 0:
+            fs.remote_cwd, fs.cwd = None, None
+        return result
+    return Rewrite(NR["chdir"], (addr,), finish, pokes=((addr, os.fsencode(local) + b"\0"),))
+
+
+def sys_fchdir(s, t, a):
+    fd = s32(a[0])
+    ofd = t.process.fds.get(fd)
+    fs = t.process.fs
+    if ofd is None:
+        def finish(tracer, t, result):
+            if result == 0:
+                fs.remote_cwd, fs.cwd = None, None
+            return result
+        return Rewrite(NR["fchdir"], a, finish)
+    if not ofd.is_dir:
+        raise GuestError(E.ENOTDIR)
+    fs.remote_cwd = (ofd.mount, ofd.path)
+    return 0
+
+
+def sys_getcwd(s, t, a):
+    fs = t.process.fs
+    if fs.remote_cwd is None:
+        return None
+    mount, rel = fs.remote_cwd
+    path = os.fsencode(mount.guest_name(rel)) + b"\0"
+    if (a[1] & 0xFFFFFFFFFFFFFFFF) < len(path):
+        raise GuestError(E.ERANGE)
+    t.write_bytes(a[0], path)
+    return len(path)
+
+
+def sys_umask(s, t, a):
+    t.process.fs.umask = a[0] & 0o777
+    return None

@@ -1,0 +1,154 @@
+"""The tracee behind one small door: registers, memory, syscall rewriting.
+
+Syscall handlers speak in arguments and results; only this module (and the
+tracer's event loop) touches ptrace and guest memory.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from dataclasses import dataclass, field
+
+from .fdtable import FdTable
+from .kernel import ptrace as pt
+
+PAGE = 4096
+PATH_MAX = 4096
+RED_ZONE = 128
+
+_ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+
+
+class GuestError(Exception):
+    """A syscall fails in the guest with this errno."""
+
+    def __init__(self, err: int, why: str = "") -> None:
+        super().__init__(err, why or os.strerror(err))
+        self.errno = err
+
+
+@dataclass
+class FsState:
+    """What CLONE_FS shares: the working directory and the umask."""
+    cwd: str | None = None             # local absolute cwd, None until first needed
+    remote_cwd: tuple | None = None    # (Mount, rel path) when the cwd is on a mount
+    umask: int | None = None
+
+    def copy(self) -> "FsState":
+        return FsState(self.cwd, self.remote_cwd, self.umask)
+
+
+@dataclass(eq=False)
+class Process:
+    """A thread group (one mm): its fd table, fs state and filter coverage."""
+    pid: int
+    fds: FdTable
+    fs: FsState
+    covered_fds: set = field(default_factory=set)  # fd numbers a stacked filter traps
+    threads: set = field(default_factory=set)
+    exe: str = ""
+
+
+class Thread:
+    """One traced task (tid). Registers are fetched once per stop."""
+
+    __slots__ = ("tid", "process", "regs", "on_exit", "pending_signal", "in_group_stop",
+                 "attached")
+
+    def __init__(self, tid: int, process: Process | None) -> None:
+        self.tid = tid
+        self.process = process
+        self.regs = pt.user_regs_struct()
+        self.on_exit = None        # continuation run at the next syscall-exit stop
+        self.pending_signal = 0
+        self.in_group_stop = False
+        self.attached = False
+
+    # ---- registers
+
+    def fetch_regs(self) -> pt.user_regs_struct:
+        return pt.getregs(self.tid, self.regs)
+
+    def args(self) -> tuple:
+        r = self.regs
+        return (r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9)
+
+    def set_result(self, value: int) -> None:
+        """Skip the syscall at a seccomp stop and make it return `value`."""
+        self.regs.orig_rax = 0xFFFFFFFFFFFFFFFF
+        self.regs.rax = value & 0xFFFFFFFFFFFFFFFF
+        pt.setregs(self.tid, self.regs)
+
+    # ---- memory (process_vm_* keeps the kernel's EFAULT rules)
+
+    def read_bytes(self, addr: int, length: int) -> bytes:
+        """Read `length` bytes; raises GuestError(EFAULT) if any byte is unreadable."""
+        if length == 0:
+            return b""
+        buf = ctypes.create_string_buffer(length)
+        try:
+            n = pt.vm_read_into(self.tid, addr, buf, length)
+        except OSError as e:
+            raise GuestError(errno.EFAULT) from e
+        if n != length:
+            raise GuestError(errno.EFAULT)
+        return buf.raw
+
+    def read_prefix(self, addr: int, length: int) -> bytes:
+        """Read up to `length` bytes, stopping at the first unreadable page."""
+        if length == 0:
+            return b""
+        buf = ctypes.create_string_buffer(length)
+        try:
+            n = pt.vm_read_into(self.tid, addr, buf, length)
+        except OSError as e:
+            raise GuestError(errno.EFAULT) from e
+        return buf.raw[:n]
+
+    def write_bytes(self, addr: int, data: bytes) -> int:
+        """Write data; returns the count written before a bad page (EFAULT if none)."""
+        if not data:
+            return 0
+        try:
+            return pt.vm_write(self.tid, addr, data)
+        except OSError as e:
+            raise GuestError(errno.EFAULT) from e
+
+    def read_cstring(self, addr: int, limit: int = PATH_MAX) -> bytes:
+        """A NUL-terminated string (a path): EFAULT, or ENAMETOOLONG past `limit`."""
+        if addr == 0:
+            raise GuestError(errno.EFAULT)
+        out = b""
+        buf = ctypes.create_string_buffer(PAGE)
+        while len(out) < limit:
+            chunk = PAGE - (addr % PAGE)
+            try:
+                n = pt.vm_read_into(self.tid, addr, buf, chunk)
+            except OSError as e:
+                raise GuestError(errno.EFAULT) from e
+            data = buf.raw[:n]
+            nul = data.find(b"\0")
+            if nul >= 0:
+                return out + data[:nul]
+            out += data
+            if n < chunk:
+                raise GuestError(errno.EFAULT)
+            addr += n
+        raise GuestError(errno.ENAMETOOLONG)
+
+    def scratch(self, size: int) -> int:
+        """An address below the stack's red zone where legorun may write `size` bytes."""
+        return (self.regs.rsp - RED_ZONE - size) & ~0xF
+
+    def poke(self, addr: int, data: bytes) -> None:
+        """Write legorun's own data into the guest, ignoring page protections."""
+        fd = os.open(f"/proc/{self.tid}/mem", os.O_RDWR)
+        try:
+            os.pwrite(fd, data, addr)
+        finally:
+            os.close(fd)
+
+
+def arg_reg_names() -> tuple:
+    return _ARG_REGS

@@ -1,0 +1,327 @@
+"""The event loop: start the guest under ptrace + seccomp and follow every task.
+
+One thread waits for every tracee (waitpid(-1, __WALL)), dispatches seccomp
+stops to the syscall handlers and follows clone/fork/vfork/exec/exit. The
+guest stops only for syscalls that the base filter (or a per-fd filter
+stacked later) traps; everything else runs at native speed.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import sys
+import time
+
+from .fdtable import FdTable
+from .kernel import ptrace as pt
+from .kernel import seccomp
+from .kernel.sysnums import NR
+from .tracee import FsState, GuestError, Process, Thread
+from .syscalls.base import Rewrite
+from .syscalls import table
+
+log = logging.getLogger(__name__)
+
+OPTIONS = (pt.PTRACE_O_TRACESYSGOOD | pt.PTRACE_O_TRACECLONE | pt.PTRACE_O_TRACEFORK
+           | pt.PTRACE_O_TRACEVFORK | pt.PTRACE_O_TRACEEXEC | pt.PTRACE_O_TRACESECCOMP
+           | pt.PTRACE_O_EXITKILL)
+
+CLONE_VM = 0x100
+CLONE_FS = 0x200
+CLONE_FILES = 0x400
+CLONE_VFORK = 0x4000
+CLONE_THREAD = 0x10000
+STOP_SIGNALS = (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+TERMINAL_STOPS = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+# Signals that the terminal sends to the whole foreground group: the guest
+# gets them from the terminal itself, so legorun must not forward them again.
+TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+SIGTRAP_SYSCALL = signal.SIGTRAP | 0x80
+NR_CLONE3 = NR["clone3"]
+NR_CLONE = NR["clone"]
+
+
+class LaunchError(Exception):
+    """The guest could not be started (one line for the user)."""
+
+
+class Tracer:
+    def __init__(self, session) -> None:
+        self.session = session
+        self.threads: dict[int, Thread] = {}
+        self.main_pid = 0
+        self.main_status: int | None = None
+        self.stats = session.stats
+        self.handlers = table.HANDLERS
+
+    # ---- start
+
+    def spawn(self, argv: list, env: dict | None = None) -> int:
+        program = table.base_filter()
+        saved = {s: signal.getsignal(s) for s in TERMINAL_SIGNALS}
+        ready_r, ready_w = os.pipe()
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:  # the guest-to-be
+            try:
+                os.close(ready_w)
+                os.close(err_r)
+                os.read(ready_r, 1)  # wait until the tracer has seized us
+                os.close(ready_r)
+                for s, h in saved.items():
+                    signal.signal(s, h)
+                # CPython ignores SIGPIPE and SIGXFSZ; a native guest would not
+                signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+                signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+                seccomp.install(program)
+                if env is None:
+                    os.execvp(argv[0], argv)
+                else:
+                    os.execvpe(argv[0], argv, env)
+            except OSError as e:
+                code = 127 if e.errno == errno.ENOENT else 126
+                os.write(err_w, f"{code} {argv[0]}: {e.strerror}".encode())
+                os._exit(code)
+            except BaseException:  # never fall back into the launcher's code
+                os._exit(126)
+        os.close(ready_r)
+        os.close(err_w)
+        try:
+            pt.seize(pid, OPTIONS)
+        except OSError as e:
+            os.kill(pid, signal.SIGKILL)
+            raise LaunchError(f"cannot trace the guest: {e.strerror}") from e
+        self.main_pid = pid
+        proc = Process(pid, FdTable(), FsState())
+        t = Thread(pid, proc)
+        t.attached = True
+        proc.threads.add(t)
+        self.threads[pid] = t
+        os.write(ready_w, b"x")
+        os.close(ready_w)
+        self._err_pipe = err_r
+        return pid
+
+    # ---- the loop
+
+    def run(self) -> int:
+        """Follow tracees until the last one is gone; returns the main guest's wait status."""
+        waitpid = os.waitpid
+        threads = self.threads
+        while threads:
+            try:
+                tid, status = waitpid(-1, pt.WALL)
+            except ChildProcessError:
+                break
+            t = threads.get(tid)
+            if os.WIFSTOPPED(status):
+                self.stats.ptrace_stops += 1
+                if t is None:
+                    t = self._new_thread(tid)
+                try:
+                    self._on_stop(t, status)
+                except ProcessLookupError:
+                    pass  # the task was killed while stopped (SIGKILL); its exit follows
+            else:
+                if tid == self.main_pid:
+                    self.main_status = status
+                if t is not None:
+                    self._forget_thread(t)
+        self._read_exec_error()
+        return self.main_status if self.main_status is not None else 0
+
+    def _read_exec_error(self) -> None:
+        try:
+            msg = os.read(self._err_pipe, 4096).decode(errors="replace")
+            os.close(self._err_pipe)
+        except OSError:
+            return
+        if msg:
+            _, _, text = msg.partition(" ")
+            print(f"legorun: {text}", file=sys.stderr)
+
+    def _on_stop(self, t: Thread, status: int) -> None:
+        sig = os.WSTOPSIG(status)
+        event = status >> 16
+        if event == pt.PTRACE_EVENT_SECCOMP:
+            self._on_seccomp(t)
+        elif sig == SIGTRAP_SYSCALL:
+            self._on_syscall_exit(t)
+        elif event in (pt.PTRACE_EVENT_FORK, pt.PTRACE_EVENT_VFORK, pt.PTRACE_EVENT_CLONE):
+            self._on_clone(t, event)
+        elif event == pt.PTRACE_EVENT_EXEC:
+            self._on_exec(t)
+        elif event == pt.PTRACE_EVENT_STOP:
+            self._on_event_stop(t, sig)
+        elif event:
+            pt.cont(t.tid)
+        else:  # signal-delivery-stop: hand the signal on
+            pt.cont(t.tid, sig)
+
+    # ---- syscalls
+
+    def _on_seccomp(self, t: Thread) -> None:
+        regs = t.fetch_regs()
+        nr = regs.orig_rax
+        handler = self.handlers.get(nr)
+        if handler is None:
+            pt.cont(t.tid)
+            return
+        self.stats.trapped += 1
+        session = self.session
+        start = time.perf_counter()
+        try:
+            outcome = handler(session, t, (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9))
+        except GuestError as e:
+            outcome = -e.errno
+        if outcome is None:
+            pt.cont(t.tid)
+            return
+        if isinstance(outcome, Rewrite):
+            outcome.apply(t)
+            t.on_exit = (outcome, nr, start)
+            pt.syscall(t.tid)
+            return
+        session.record(t, nr, outcome, time.perf_counter() - start)
+        t.set_result(outcome)
+        pt.cont(t.tid)
+
+    def _on_syscall_exit(self, t: Thread) -> None:
+        pending = t.on_exit
+        if pending is None:  # not ours (e.g. after an injected syscall); keep going
+            pt.cont(t.tid)
+            return
+        t.on_exit = None
+        rewrite, nr, start = pending
+        regs = t.fetch_regs()
+        result = regs.rax - (1 << 64) if regs.rax >= 1 << 63 else regs.rax
+        try:
+            value = rewrite.finish(self, t, result)
+        except GuestError as e:
+            value = -e.errno
+        rewrite.restore(t)
+        t.regs.rax = value & 0xFFFFFFFFFFFFFFFF
+        pt.setregs(t.tid, t.regs)
+        self.session.record(t, nr, value, time.perf_counter() - start)
+        pt.cont(t.tid)
+
+    def inject_syscall(self, t: Thread, nr: int, args: tuple) -> int:
+        """Run one syscall in the guest thread `t`, stopped at a syscall-exit stop.
+
+        Rewinds to the `syscall` instruction that just ran, runs `nr` there and
+        restores every register; returns the raw result (negative errno).
+        """
+        saved = pt.user_regs_struct()
+        pt.ctypes.pointer(saved)[0] = t.regs
+        regs = t.regs
+        regs.rip -= 2
+        regs.rax = nr
+        regs.orig_rax = nr
+        regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9 = (list(args) + [0] * 6)[:6]
+        pt.setregs(t.tid, regs)
+        try:
+            for _ in range(2):  # syscall-enter stop, then syscall-exit stop
+                pt.syscall(t.tid, 0)
+                self._wait_syscall_stop(t)
+            pt.getregs(t.tid, regs)
+            result = regs.rax - (1 << 64) if regs.rax >= 1 << 63 else regs.rax
+        finally:
+            pt.ctypes.pointer(t.regs)[0] = saved
+            pt.setregs(t.tid, t.regs)
+        return result
+
+    def _wait_syscall_stop(self, t: Thread) -> None:
+        while True:
+            _, status = os.waitpid(t.tid, pt.WALL)
+            self.stats.ptrace_stops += 1
+            if os.WIFSTOPPED(status) and os.WSTOPSIG(status) == SIGTRAP_SYSCALL:
+                return
+            if not os.WIFSTOPPED(status):
+                raise ProcessLookupError(t.tid)
+            sig = os.WSTOPSIG(status)
+            if (status >> 16) == 0 and sig != signal.SIGTRAP:
+                t.pending_signal = sig  # deliver once the injection is done
+            pt.syscall(t.tid, 0)
+
+    # ---- tasks
+
+    def _new_thread(self, tid: int) -> Thread:
+        """A task we have not been told about yet (its creator's event comes later)."""
+        t = Thread(tid, None)
+        self.threads[tid] = t
+        return t
+
+    def _on_event_stop(self, t: Thread, sig: int) -> None:
+        if t.process is None or not t.attached:
+            # a new task's first stop: run it once we know whose it is
+            t.attached = True
+            if t.process is not None:
+                pt.cont(t.tid)
+            return
+        if sig in STOP_SIGNALS:  # group-stop: stay stopped but keep reporting
+            t.in_group_stop = True
+            pt.listen(t.tid)
+            if sig in TERMINAL_STOPS and t.process.pid == self.main_pid:
+                self.session.on_guest_job_stop()
+            return
+        t.in_group_stop = False
+        pt.cont(t.tid)
+
+    def _on_clone(self, parent: Thread, event: int) -> None:
+        child_tid = pt.geteventmsg(parent.tid)
+        regs = parent.fetch_regs()
+        if event == pt.PTRACE_EVENT_FORK:
+            flags = 0
+        elif event == pt.PTRACE_EVENT_VFORK:
+            flags = CLONE_VM | CLONE_VFORK
+        elif regs.orig_rax == NR_CLONE3:
+            flags = int.from_bytes(parent.read_bytes(regs.rdi, 8), "little")
+        else:
+            flags = regs.rdi
+        pproc = parent.process
+        if flags & CLONE_THREAD:
+            proc = pproc
+        else:
+            proc = Process(child_tid,
+                           pproc.fds.share() if flags & CLONE_FILES else pproc.fds.copy(),
+                           pproc.fs if flags & CLONE_FS else pproc.fs.copy(),
+                           set(pproc.covered_fds))
+        child = self.threads.get(child_tid)
+        if child is None:
+            child = Thread(child_tid, proc)
+            self.threads[child_tid] = child
+        else:
+            child.process = proc
+            if child.attached:  # its first stop came before this event
+                pt.cont(child_tid)
+        proc.threads.add(child)
+        pt.cont(parent.tid)
+
+    def _on_exec(self, t: Thread) -> None:
+        former = pt.geteventmsg(t.tid)
+        proc = t.process
+        if former != t.tid:
+            old = self.threads.pop(former, None)
+            if old is not None:
+                proc.threads.discard(old)
+        for other in list(proc.threads):
+            if other is not t:
+                proc.threads.discard(other)
+                self.threads.pop(other.tid, None)
+        # execve unshares the fd table, then closes close-on-exec fds
+        proc.fds = proc.fds.copy_private()
+        for ofd in proc.fds.close_on_exec():
+            self.session.release(ofd)
+        pt.cont(t.tid)
+
+    def _forget_thread(self, t: Thread) -> None:
+        self.threads.pop(t.tid, None)
+        proc = t.process
+        if proc is None:
+            return
+        proc.threads.discard(t)
+        if not proc.threads:
+            for ofd in proc.fds.drop_all():
+                self.session.release(ofd)

@@ -1,0 +1,41 @@
+"""Generates the gRPC modules from protos/ as part of every build.
+
+The generated files (legorun/proto/*_pb2*.py) are build products: they are
+written into the source tree so that editable installs see them, and are
+never committed.
+"""
+import pathlib
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+HERE = pathlib.Path(__file__).parent.resolve()
+
+
+def generate_protos() -> None:
+    from grpc_tools import protoc
+    import grpc_tools
+
+    includes = pathlib.Path(grpc_tools.__file__).parent / "_proto"
+    out = HERE / "legorun" / "proto"
+    out.mkdir(exist_ok=True)
+    for proto in sorted((HERE / "protos").glob("*.proto")):
+        args = [
+            "grpc_tools.protoc",
+            f"-I{includes}",
+            f"-Ilegorun/proto={HERE / 'protos'}",
+            f"--python_out={HERE}",
+            f"--grpc_python_out={HERE}",
+            f"legorun/proto/{proto.name}",
+        ]
+        if protoc.main(args) != 0:
+            raise RuntimeError(f"protoc failed on {proto}")
+
+
+class BuildPyWithProtos(build_py):
+    def run(self):
+        generate_protos()
+        super().run()
+
+
+setup(cmdclass={"build_py": BuildPyWithProtos})

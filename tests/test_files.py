@@ -1,0 +1,199 @@
+"""Guests on a mount: real sComponent, real programs, bytes checked on the server's root."""
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+
+from conftest import compile_c, legorun, native
+
+PY = sys.executable
+
+
+def test_python_guest_creates_appends_renames_and_unlinks_open_files(scomponent):
+    script = textwrap.dedent("""
+        import json, os, shutil, tempfile
+        os.makedirs('/lego/work/sub', exist_ok=True)
+        with open('/lego/work/a.txt', 'w') as f:
+            f.write('first\\n')
+        with open('/lego/work/a.txt', 'a') as f:
+            f.write('second\\n')
+        f = open('/lego/work/a.txt')
+        os.rename('/lego/work/a.txt', '/lego/work/b.txt')      # renamed while open
+        print('after rename:', f.read().split())
+        g = open('/lego/work/b.txt')
+        os.unlink('/lego/work/b.txt')                           # unlinked while open
+        print('after unlink:', g.read().split(), os.path.exists('/lego/work/b.txt'))
+        g.close(); f.close()
+        json.dump({'k': [1, 2, 3]}, open('/lego/work/sub/data.json', 'w'))
+        print('json:', json.load(open('/lego/work/sub/data.json')))
+        shutil.copytree('/lego/work', '/lego/copy')
+        print('tree:', sorted(os.listdir('/lego/copy')), sorted(os.listdir('/lego/copy/sub')))
+        with tempfile.NamedTemporaryFile('w+', dir='/lego/work') as tmp:
+            tmp.write('scratch'); tmp.flush(); tmp.seek(0)
+            print('tempfile:', tmp.read(), os.path.dirname(tmp.name))
+        st = os.stat('/lego/copy/sub/data.json')
+        print('size:', st.st_size, 'isfile:', os.path.isfile('/lego/copy/sub/data.json'))
+        shutil.rmtree('/lego/copy')
+        print('exists after rmtree:', os.path.exists('/lego/copy'))
+    """)
+    r = legorun([PY, "-c", script], storage=scomponent.address)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "after rename: ['first', 'second']",
+        "after unlink: ['first', 'second'] False",
+        "json: {'k': [1, 2, 3]}",
+        "tree: ['sub'] ['data.json']",
+        "tempfile: scratch /lego/work",
+        "size: 16 isfile: True",
+        "exists after rmtree: False",
+    ]
+    root = scomponent.root
+    # the unlinked file is gone from the server once its last fd closed
+    assert sorted(os.listdir(f"{root}/work")) == ["sub"]
+    assert open(f"{root}/work/sub/data.json").read() == '{"k": [1, 2, 3]}'
+
+
+def test_bash_redirections_and_coreutils_on_a_mount(scomponent):
+    script = textwrap.dedent("""
+        set -e
+        mkdir -p /lego/t && cd /lego/t
+        printf 'b\\nc\\na\\n' > in.txt
+        sort < in.txt > out.txt
+        echo tail >> out.txt
+        cat out.txt
+        cp out.txt copy.txt
+        ls -l | awk 'NR > 1 {print $1, $5, $NF}'
+        tar cf /lego/t.tar -C /lego t
+        tar tf /lego/t.tar | sort
+        pwd
+    """)
+    r = legorun(["bash", "-c", script], storage=scomponent.address)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "a", "b", "c", "tail",
+        "-rw-r--r-- 11 copy.txt", "-rw-r--r-- 6 in.txt", "-rw-r--r-- 11 out.txt",
+        "t/", "t/copy.txt", "t/in.txt", "t/out.txt",
+        "/lego/t",
+    ]
+    assert open(f"{scomponent.root}/t/out.txt").read() == "a\nb\nc\ntail\n"
+    assert open(f"{scomponent.root}/t/copy.txt").read() == "a\nb\nc\ntail\n"
+    assert os.path.getsize(f"{scomponent.root}/t.tar") >= 10240
+
+
+def test_remote_fds_zero_and_one_get_the_numbers_the_kernel_gives(scomponent):
+    with open(f"{scomponent.root}/in", "w") as f:
+        f.write("3\n1\n2\n")
+    r = legorun(["sh", "-c", "sort < /lego/in > /lego/out; ls -l /proc/self/fd/ > /dev/null"],
+                storage=scomponent.address)
+    assert r.returncode == 0, r.stderr
+    assert open(f"{scomponent.root}/out").read() == "1\n2\n3\n"
+
+
+BAD_POINTERS_C = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static void show(const char *what, long r) {
+    printf("%s: %ld %s\n", what, r, r < 0 ? strerrorname_np(errno) : "");
+}
+
+int main(int argc, char **argv) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/f", argv[1]);
+    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0644);
+    show("open", fd >= 0 ? 0 : -1);
+    show("write NULL", write(fd, NULL, 10));
+    show("write ok", write(fd, "0123456789", 10));
+    show("lseek", lseek(fd, 0, SEEK_SET));
+    show("read NULL", read(fd, NULL, 10));
+    show("read bad", read(fd, (void *)1, 10));
+    /* a buffer whose second page is unmapped: a short count */
+    char *two = mmap(NULL, 8192, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    munmap(two + 4096, 4096);
+    memcpy(two + 4090, "abcdef", 6);
+    show("pwrite straddling", pwrite(fd, two + 4090, 100, 0));
+    show("pread straddling", pread(fd, two + 4094, 10, 0));
+    show("open NULL", open(NULL, O_RDONLY));
+    show("stat bad", stat(path, (struct stat *)1));
+    show("stat NULL path", stat(NULL, (struct stat *)two));
+    show("close", close(fd));
+    show("read closed", read(fd, two, 1));
+    return 0;
+}
+"""
+
+
+def test_bad_pointers_get_efault_or_short_counts_as_natively(scomponent, tmp_path):
+    exe = compile_c(tmp_path, "badptr", BAD_POINTERS_C, flags=("-w",))
+    local = tmp_path / "local"
+    local.mkdir()
+    want = native([exe, str(local)])
+    got = legorun([exe, "/lego"], storage=scomponent.address)
+    assert want.returncode == 0
+    assert "EFAULT" in want.stdout and "pwrite straddling: 6" in want.stdout
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == want.stdout
+
+
+def test_fork_child_shares_the_fd_offset_and_vfork_child_execs(scomponent):
+    script = textwrap.dedent("""
+        import os, subprocess, sys
+        fd = os.open('/lego/shared', os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, b'parent1 ')
+        pid = os.fork()
+        if pid == 0:
+            os.write(fd, b'child ')
+            os._exit(0)
+        os.waitpid(pid, 0)
+        os.write(fd, b'parent2')
+        os.close(fd)
+        # subprocess uses vfork + exec; the remote fd is the child's stdin
+        with open('/lego/shared') as f:
+            out = subprocess.run(['cat'], stdin=f, capture_output=True, text=True).stdout
+        print('cat saw:', out)
+        # close-on-exec: an O_CLOEXEC remote fd is gone in the exec'd program
+        cfd = os.open('/lego/shared', os.O_RDONLY | os.O_CLOEXEC)
+        keep = os.open('/lego/shared', os.O_RDONLY)
+        os.set_inheritable(keep, True)
+        probe = ("import os\\n"
+                 "for fd in (%d, %d):\\n"
+                 "    try: print(fd, len(os.read(fd, 100)))\\n"
+                 "    except OSError as e: print(fd, e.strerror)\\n") % (cfd, keep)
+        subprocess.run([sys.executable, '-c', probe], pass_fds=(keep,))
+    """)
+    r = legorun([PY, "-c", script], storage=scomponent.address)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "cat saw: parent1 child parent2"
+    assert lines[1].endswith("Bad file descriptor")
+    assert lines[2].endswith(" 21")
+    assert open(f"{scomponent.root}/shared").read() == "parent1 child parent2"
+
+
+def test_errors_from_the_server_reach_the_guest_as_errno(scomponent):
+    script = textwrap.dedent("""
+        import errno, os
+        def err(f, *a):
+            try:
+                f(*a); return 'ok'
+            except OSError as e:
+                return errno.errorcode[e.errno]
+        print(err(open, '/lego/missing'))
+        open('/lego/x', 'w').close()
+        print(err(os.open, '/lego/x', os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        print(err(os.mkdir, '/lego/x'))
+        print(err(os.rmdir, '/lego'))
+        print(err(os.listdir, '/lego/x'))
+        print(err(os.rename, '/lego/x', '/tmp/elsewhere'))
+        print(err(os.open, '/lego/x', os.O_RDONLY | os.O_DIRECTORY))
+    """)
+    r = legorun([PY, "-c", script], storage=scomponent.address)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["ENOENT", "EEXIST", "EEXIST", "EBUSY", "ENOTDIR", "EXDEV", "ENOTDIR"]

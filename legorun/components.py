@@ -39,7 +39,7 @@ class EmbeddedComponent:
         sock = os.path.join(self._dir, f"{self.kind}.sock")
         self.address = f"unix:{sock}"
         cmd = [sys.executable, "-m", self.module, "--listen", self.address,
-               *self.extra_args]
+               "--exit-with-parent", *self.extra_args]
         try:
             # Its own session: the terminal's Ctrl-C is for the guest, not for it.
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

@@ -64,10 +64,10 @@ class Session:
         return client
 
     def component_failed(self, err: ComponentError) -> None:
-        text = str(err)
-        if text not in self._failed:
-            self._failed.add(text)
-            self.say(f"{text}; the guest gets EIO")
+        key = (err.name, err.address)  # one line per component, not per failed call
+        if key not in self._failed:
+            self._failed.add(key)
+            self.say(f"{err}; the guest gets EIO")
 
     def close(self) -> None:
         if self._client is not None:

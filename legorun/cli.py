@@ -60,9 +60,6 @@ def run_guest(args, command: list) -> int:
     except ValueError as e:
         print(f"legorun: {e}", file=sys.stderr)
         return 2
-    # The terminal sends these to the whole foreground group; the guest gets them itself.
-    for sig in (signal.SIGINT, signal.SIGQUIT):
-        signal.signal(sig, signal.SIG_IGN)
     tracer = Tracer(session)
     try:
         tracer.spawn(command)

@@ -83,9 +83,12 @@ class Session:
     def say(self, text: str) -> None:
         print(f"legorun: {text}", file=sys.stderr, flush=True)
 
-    def on_guest_job_stop(self) -> None:
-        """The guest stopped for the terminal (Ctrl-Z): stop legorun too, so the shell sees it."""
-        os.kill(os.getpid(), signal.SIGSTOP)
+    def on_guest_job_stop(self, sig: int) -> None:
+        """The guest stopped for the terminal (Ctrl-Z): stop legorun with the same
+        signal, so its shell sees the job stop as it would natively."""
+        previous = signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)  # returns once the shell sends SIGCONT (fg, bg)
+        signal.signal(sig, previous)
 
     def record(self, t, nr: int, result: int, seconds: float) -> None:
         self.stats.record(NAMES.get(nr, str(nr)), result, seconds)

@@ -88,6 +88,10 @@ class Tracer:
                 os._exit(126)
         os.close(ready_r)
         os.close(err_w)
+        # The terminal sends these to the whole foreground group; the guest gets
+        # them itself. legorun stops itself (SIGSTOP) only once the guest has stopped.
+        for s in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP):
+            signal.signal(s, signal.SIG_IGN)
         try:
             pt.seize(pid, OPTIONS)
         except OSError as e:
@@ -264,7 +268,7 @@ class Tracer:
             t.in_group_stop = True
             pt.listen(t.tid)
             if sig in TERMINAL_STOPS and t.process.pid == self.main_pid:
-                self.session.on_guest_job_stop()
+                self.session.on_guest_job_stop(sig)
             return
         t.in_group_stop = False
         pt.cont(t.tid)

@@ -26,7 +26,10 @@ GUEST = textwrap.dedent("""
 def _read_until(fd, text, timeout=30.0):
     buf = b""
     end = time.time() + timeout
-    while text.encode() not in buf and time.time() < end:
+    def done():  # the text and the rest of its line
+        i = buf.find(text.encode())
+        return i >= 0 and b"\n" in buf[i:]
+    while not done() and time.time() < end:
         r, _, _ = select.select([fd], [], [], 0.2)
         if r:
             try:

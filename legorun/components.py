@@ -34,7 +34,7 @@ class EmbeddedComponent:
         self.address = None
         self._dir = None
 
-    def start(self, timeout: float = 15.0) -> str:
+    def start(self, timeout: float = 15.0, cpus=None) -> str:
         self._dir = tempfile.mkdtemp(prefix="legorun-")
         sock = os.path.join(self._dir, f"{self.kind}.sock")
         self.address = f"unix:{sock}"
@@ -46,6 +46,8 @@ class EmbeddedComponent:
                                          stderr=subprocess.PIPE, start_new_session=True)
         except OSError as e:
             raise StartError(f"cannot start the {self.kind}: {e.strerror}") from e
+        if cpus:
+            os.sched_setaffinity(self.proc.pid, cpus)
         deadline = time.monotonic() + timeout
         line = b""
         while time.monotonic() < deadline:

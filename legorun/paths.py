@@ -40,6 +40,24 @@ class MountTable:
             dev = (0xFFF << 8) | i
             self.mounts.append(Mount(normalize(p), dev))
         self.mounts.sort(key=lambda m: len(m.guest_path), reverse=True)
+        self._prefixes = [os.fsencode(m.guest_path) for m in self.mounts]
+
+    def surely_local(self, path: bytes) -> bool:
+        """A fast, exact-when-True test for an absolute path: already normal
+        (no '//', no '.' or '..' component) and on no mount."""
+        if b"//" in path or b"/." in path:
+            return False
+        for prefix in self._prefixes:
+            if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == 47):
+                return False
+        return True
+
+    def far_from(self, cwd: str) -> bool:
+        """True when no mount lies at or below the local directory `cwd`: a
+        relative path without '..' from there cannot reach a mount."""
+        base = cwd.rstrip("/") + "/"
+        return not any(m.guest_path == cwd or m.guest_path.startswith(base) or
+                       cwd.startswith(m.guest_path + "/") for m in self.mounts)
 
     def match(self, abspath: str):
         """(Mount, rel) if the normalized absolute path lies on a mount, else None."""

@@ -36,6 +36,8 @@ class Session:
         self._embedded = []
         self._failed = set()
         self.open_files: dict = {}  # (mount, path) -> set of OpenFile
+        self.native_cpus = None     # the guest's CPUs natively, when legorun pinned it
+        self.guest_set_affinity = set()  # tids whose affinity the guest chose itself
 
     # ---- components
 
@@ -52,7 +54,7 @@ class Session:
             os.makedirs(root, exist_ok=True)
             comp = EmbeddedComponent("scomponent", "legorun_components.scomponent", ["--root", root])
             try:
-                address = comp.start()
+                address = comp.start(cpus=self.component_cpus())
             except StartError as e:
                 raise FatalError(str(e)) from None
             self._embedded.append(comp)
@@ -62,6 +64,27 @@ class Session:
         except ComponentError as e:
             raise FatalError(str(e)) from None
         return client
+
+    def pin(self) -> None:
+        """Run legorun and the guest on one CPU: a ptrace stop that crosses CPUs
+        costs several times more than one that stays (a wake-up IPI each way)."""
+        cpus = os.sched_getaffinity(0)
+        if len(cpus) < 2:
+            return
+        try:
+            import psutil
+            here = psutil.Process().cpu_num()
+        except Exception:
+            here = -1
+        cpu = here if here in cpus else max(cpus)
+        self.native_cpus = sorted(cpus)
+        os.sched_setaffinity(0, {cpu})
+
+    def component_cpus(self):
+        """Embedded components run beside the guest, on the other CPUs."""
+        if self.native_cpus is None:
+            return None
+        return set(self.native_cpus) - os.sched_getaffinity(0) or None
 
     def component_failed(self, err: ComponentError) -> None:
         key = (err.name, err.address)  # one line per component, not per failed call

@@ -17,6 +17,7 @@ PAGE = 4096
 PATH_MAX = 4096
 RED_ZONE = 128
 
+_strings = pt.CStringReader()
 _ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
 
 
@@ -32,11 +33,12 @@ class GuestError(Exception):
 class FsState:
     """What CLONE_FS shares: the working directory and the umask."""
     cwd: str | None = None             # local absolute cwd, None until first needed
+    cwd_far: bool = False              # no mount at or below cwd (paths.MountTable.far_from)
     remote_cwd: tuple | None = None    # (Mount, rel path) when the cwd is on a mount
     umask: int | None = None
 
     def copy(self) -> "FsState":
-        return FsState(self.cwd, self.remote_cwd, self.umask)
+        return FsState(self.cwd, self.cwd_far, self.remote_cwd, self.umask)
 
 
 @dataclass(eq=False)
@@ -119,23 +121,12 @@ class Thread:
         """A NUL-terminated string (a path): EFAULT, or ENAMETOOLONG past `limit`."""
         if addr == 0:
             raise GuestError(errno.EFAULT)
-        out = b""
-        buf = ctypes.create_string_buffer(PAGE)
-        while len(out) < limit:
-            chunk = PAGE - (addr % PAGE)
-            try:
-                n = pt.vm_read_into(self.tid, addr, buf, chunk)
-            except OSError as e:
-                raise GuestError(errno.EFAULT) from e
-            data = buf.raw[:n]
-            nul = data.find(b"\0")
-            if nul >= 0:
-                return out + data[:nul]
-            out += data
-            if n < chunk:
-                raise GuestError(errno.EFAULT)
-            addr += n
-        raise GuestError(errno.ENAMETOOLONG)
+        try:
+            return _strings.read(self.tid, addr, limit)
+        except OSError:
+            raise GuestError(errno.EFAULT) from None
+        except ValueError:
+            raise GuestError(errno.ENAMETOOLONG) from None
 
     def scratch(self, size: int) -> int:
         """An address below the stack's red zone where legorun may write `size` bytes."""

@@ -134,6 +134,53 @@ def vm_read_into(pid: int, addr: int, buf, length: int) -> int:
     return n
 
 
+class CStringReader:
+    """Reads NUL-terminated strings (paths) from a guest: the hot path of every
+    path syscall, so it reuses one buffer and one pair of iovecs."""
+
+    FIRST = 256  # most paths fit; never crosses a page boundary on the first read
+
+    def __init__(self) -> None:
+        self.buf = ctypes.create_string_buffer(4097)
+        self.addr = ctypes.addressof(self.buf)
+        self.local = iovec(self.addr, 0)
+        self.remote = iovec(0, 0)
+        self.local_ref = ctypes.byref(self.local)
+        self.remote_ref = ctypes.byref(self.remote)
+
+    def read_chunk(self, pid: int, addr: int, length: int) -> bytes:
+        """Up to `length` bytes (not crossing a page), cut at the first NUL.
+
+        Returns (data, complete): complete is True when a NUL was found.
+        """
+        self.local.iov_len = length
+        self.remote.iov_base = addr
+        self.remote.iov_len = length
+        n = _process_vm_readv(pid, self.local_ref, 1, self.remote_ref, 1, 0)
+        if n <= 0:
+            err = ctypes.get_errno() if n < 0 else 14
+            raise OSError(err, os.strerror(err))
+        self.buf[n] = 0
+        data = ctypes.string_at(self.addr)
+        return data, len(data) < n
+
+    def read(self, pid: int, addr: int, limit: int = 4096) -> bytes:
+        """The string at addr; OSError(EFAULT) if unreadable, ValueError past `limit`."""
+        page_left = 4096 - (addr & 4095)
+        data, complete = self.read_chunk(pid, addr, min(self.FIRST, page_left))
+        if complete:
+            return data
+        out = data
+        addr += len(data)
+        while len(out) < limit:
+            data, complete = self.read_chunk(pid, addr, 4096 - (addr & 4095))
+            out += data
+            if complete:
+                return out
+            addr += len(data)
+        raise ValueError("string too long")
+
+
 def vm_write(pid: int, addr: int, data: bytes | memoryview) -> int:
     """Copy `data` to guest `addr`; returns bytes written (short at a bad page)."""
     if not data:

@@ -54,6 +54,7 @@ def _cwd(s, t):
     fs = t.process.fs
     if fs.cwd is None:
         fs.cwd = local_cwd(t.tid)
+        fs.cwd_far = s.mounts.far_from(fs.cwd)
     return fs.cwd
 
 
@@ -62,19 +63,25 @@ def resolve(s, t, dirfd: int, path: bytes, empty_ok: bool = False):
 
     With empty_ok and an empty path, the dirfd itself is meant (AT_EMPTY_PATH).
     """
-    text = os.fsdecode(path)
-    if not text:
+    if not path:
         if not empty_ok:
             raise GuestError(E.ENOENT)
         return _fd_target(s, t, dirfd)
-    if text[0] == "/":
-        return s.mounts.match(normalize(text))
+    mounts = s.mounts
+    if path[0] == 47:  # '/'
+        if mounts.surely_local(path):
+            return None
+        return mounts.match(normalize(os.fsdecode(path)))
     if dirfd == AT_FDCWD:
         fs = t.process.fs
         if fs.remote_cwd is not None:
             mount, base = fs.remote_cwd
-            return _relative(s, mount, base, text)
-        return s.mounts.match(normalize(_cwd(s, t) + "/" + text))
+            return _relative(s, mount, base, os.fsdecode(path))
+        cwd = fs.cwd if fs.cwd is not None else _cwd(s, t)
+        if fs.cwd_far and b".." not in path:
+            return None
+        return mounts.match(normalize(cwd + "/" + os.fsdecode(path)))
+    text = os.fsdecode(path)
     ofd = t.process.fds.get(dirfd)
     if ofd is not None:
         if not ofd.is_dir:
@@ -86,7 +93,9 @@ def resolve(s, t, dirfd: int, path: bytes, empty_ok: bool = False):
         raise GuestError(E.EBADF) from None
     if not base.startswith("/"):
         raise GuestError(E.ENOTDIR)
-    return s.mounts.match(normalize(base + "/" + text))
+    if b".." not in path and mounts.far_from(base):
+        return None
+    return mounts.match(normalize(base + "/" + text))
 
 
 def _relative(s, mount, base: str, text: str):
@@ -1230,8 +1239,11 @@ def sys_chdir(s, t, a):
         return _enter(s, t, target)
     fs = t.process.fs
     if fs.remote_cwd is None:
-        fs.cwd = None  # re-read after a local chdir
-        return None
+        def finish(tracer, t, result):
+            if result == 0:
+                fs.cwd = None  # re-read when next needed
+            return result
+        return Rewrite(NR["chdir"], a, finish)
     # leaving a mount: the kernel's own cwd never moved, so give it the full path
     path = os.fsdecode(t.read_cstring(a[0]))
     mount, base = fs.remote_cwd

@@ -7,7 +7,8 @@ import os
 import sys
 
 from ..tracee import GuestError
-from .base import s32
+from ..kernel.sysnums import NR
+from .base import Rewrite, s32
 from .files import AT_EMPTY_PATH, AT_FDCWD, path_arg
 
 log = logging.getLogger(__name__)
@@ -33,3 +34,28 @@ def sys_execveat(s, t, a):
 def sys_ptrace(s, t, a):
     s.say(f"pid {t.tid} called ptrace, refused (EPERM): the guest is already traced by legorun")
     return -E.EPERM
+
+
+def _affinity_target(t, pid: int) -> int:
+    return t.tid if pid == 0 else pid
+
+
+def sys_sched_getaffinity(s, t, a):
+    """Report the CPUs the guest would have natively, not the one legorun pinned it to."""
+    target = _affinity_target(t, s32(a[0]))
+    if s.native_cpus is None or target in s.guest_set_affinity:
+        return None
+    mask = sum(1 << cpu for cpu in s.native_cpus)
+    buf = a[2]
+
+    def finish(tracer, t, result):
+        if result > 0:
+            t.write_bytes(buf, mask.to_bytes(result, "little"))
+        return result
+    return Rewrite(NR["sched_getaffinity"], a, finish)
+
+
+def sys_sched_setaffinity(s, t, a):
+    """A guest's own choice of CPUs is kept, and reported back to it as is."""
+    s.guest_set_affinity.add(_affinity_target(t, s32(a[0])))
+    return None

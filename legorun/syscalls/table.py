@@ -148,6 +148,10 @@ TABLE: list[Entry] = [
     _e("execve", "path", process.sys_execve, note="a program on a mount is refused with EACCES for now"),
     _e("execveat", "path", process.sys_execveat, note="a program on a mount is refused with EACCES for now"),
     _e("ptrace", "always", process.sys_ptrace, serves=LEGORUN, note="refused with EPERM: the guest is already traced by legorun"),
+    _e("sched_getaffinity", "always", process.sys_sched_getaffinity, serves=LEGORUN,
+       note="with --cpus one, reports the CPUs the guest would have natively"),
+    _e("sched_setaffinity", "always", process.sys_sched_setaffinity, serves=LOCAL,
+       note="the guest's own choice is kept and reported as is"),
     _e("io_uring_setup", "deny", None, serves=LEGORUN, errno=E.ENOSYS, note="io_uring would bypass interception"),
 ]
 

@@ -34,9 +34,10 @@ from legorun.proto import storage_pb2 as pb
 from legorun.proto import storage_pb2_grpc as pb_grpc
 
 try:
-    from . import common
+    from . import common, locks
 except ImportError:  # run as a file, not as legorun_components.scomponent
     import legorun_components.common as common
+    import legorun_components.locks as locks
 
 log = logging.getLogger("legorun.scomponent")
 
@@ -442,9 +443,41 @@ class StorageServicer(pb_grpc.StorageServicer):
         self._by_op: Counter[str] = Counter()
         self._requests = 0
         self._streams = 0
+        self.locks = locks.LockTable()
+
+    def _file_key(self, path: str):
+        with self.root.fd_of(path, os.O_PATH | os.O_CLOEXEC) as fd:
+            st = os.fstat(fd)
+        return (st.st_dev, st.st_ino)
+
+    def lock(self, m: pb.Lock, reply: pb.Reply, owners: set) -> None:
+        """fcntl/flock locks, held for this stream (the stream is the lease)."""
+        if m.type not in (locks.F_RDLCK, locks.F_WRLCK, locks.F_UNLCK) or m.space > 1:
+            raise _oserror(errno.EINVAL, m.path)
+        key = self._file_key(m.path)
+        with self._lock:
+            if m.test:
+                held = self.locks.conflict(key, m.space, m.owner, m.type, m.start, m.length)
+                if held is None:
+                    reply.lock.type = locks.F_UNLCK
+                else:
+                    reply.lock.type = held.type
+                    reply.lock.start = held.start
+                    reply.lock.length = 0 if held.end == locks.EOF_ else held.end - held.start
+                    reply.lock.pid = held.pid
+                return
+            if not self.locks.set(key, m.space, m.owner, m.type, m.start, m.length, m.pid):
+                raise _oserror(errno.EAGAIN, m.path)
+        owners.add(m.owner)
+
+    def release_locks(self, m: pb.ReleaseLocks, reply: pb.Reply) -> None:
+        key = self._file_key(m.path) if m.path else None
+        with self._lock:
+            self.locks.release(m.owner, key)
 
     def Call(self, request_iterator, context):
         handlers = self.ops.handlers
+        owners: set = set()  # lock owners seen on this stream: released when it ends
         with self._lock:
             self._streams += 1
         try:
@@ -456,7 +489,12 @@ class StorageServicer(pb_grpc.StorageServicer):
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {request.id}: {problem}")
                 reply = pb.Reply(id=request.id)
                 try:
-                    data = handlers[op](msg, reply)
+                    if op == "lock":
+                        data = self.lock(msg, reply, owners)
+                    elif op == "release_locks":
+                        data = self.release_locks(msg, reply)
+                    else:
+                        data = handlers[op](msg, reply)
                     if data is not None:
                         reply = data_reply(request.id, data)
                 except OSError as e:
@@ -474,6 +512,8 @@ class StorageServicer(pb_grpc.StorageServicer):
         finally:
             with self._lock:
                 self._streams -= 1
+                for owner in owners:
+                    self.locks.release(owner)
 
     def Status(self, request, context):
         files = size = 0
@@ -496,7 +536,7 @@ class StorageServicer(pb_grpc.StorageServicer):
             return pb.StatusReply(
                 root=self.root.path, uptime_s=time.monotonic() - self.started, files=files,
                 bytes=size, requests=self._requests, open_clients=self._streams,
-                requests_by_op=dict(self._by_op))
+                requests_by_op=dict(self._by_op), locks=len(self.locks))
 
 
 def add_storage_to_server(servicer: StorageServicer, server: grpc.Server) -> str:

@@ -23,6 +23,8 @@ class OpenFile:
     dir_pos: int = 0       # entries returned so far (the d_off we hand out)
     dir_end: bool = False
     silly_name: str | None = None  # unlinked while open: renamed to this hidden name
+    ino: int = 0           # the file's inode number on the server
+    locked: bool = False   # took OFD or flock locks (released with the description)
     refs: int = 0
 
 

@@ -36,6 +36,8 @@ class Session:
         self._embedded = []
         self._failed = set()
         self.open_files: dict = {}  # (mount, path) -> set of OpenFile
+        self.session_id = secrets.token_hex(8)  # names this run's lock owners on servers
+        self.lock_epoch = 0         # bumped on every unlock: parked lock waiters retry
         self.native_cpus = None     # the guest's CPUs natively, when legorun pinned it
         self.guest_set_affinity = set()  # tids whose affinity the guest chose itself
 
@@ -139,8 +141,41 @@ class Session:
             raise RuntimeError(f"cannot stack the seccomp filter for fd {fd}: result {result}")
         t.process.covered_fds.add(fd)
 
+    # ---- advisory locks
+
+    def process_lock_owner(self, proc) -> str:
+        return f"{self.session_id}:p{proc.pid}"
+
+    def ofd_lock_owner(self, ofd) -> str:
+        return f"{self.session_id}:o{id(ofd):x}"
+
+    def locks_released(self) -> None:
+        self.lock_epoch += 1
+
+    def _release_locks(self, mount, owner: str, path: str = "") -> None:
+        try:
+            self.storage(mount).call(release_locks=pb.ReleaseLocks(owner=owner, path=path))
+        except ComponentError as e:
+            self.component_failed(e)
+        self.locks_released()
+
+    def close_file_locks(self, proc, ofd) -> None:
+        """close(2) drops the process's fcntl locks on that file (POSIX's rule)."""
+        key = (ofd.mount, ofd.path)
+        if key in proc.lock_files:
+            proc.lock_files.discard(key)
+            self._release_locks(ofd.mount, self.process_lock_owner(proc), ofd.path)
+
+    def process_gone(self, proc) -> None:
+        for mount in {m for m, _ in proc.lock_files}:
+            self._release_locks(mount, self.process_lock_owner(proc))
+        proc.lock_files.clear()
+
     def release(self, ofd) -> None:
         """The last fd of an open file description is gone."""
+        if ofd.locked:
+            ofd.locked = False
+            self._release_locks(ofd.mount, self.ofd_lock_owner(ofd))
         key = (ofd.mount, ofd.path)
         group = self.open_files.get(key)
         if group is not None:

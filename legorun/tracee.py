@@ -50,6 +50,7 @@ class Process:
     covered_fds: set = field(default_factory=set)  # fd numbers a stacked filter traps
     threads: set = field(default_factory=set)
     exe: str = ""
+    lock_files: set = field(default_factory=set)  # (mount, path) with fcntl locks of this process
 
 
 class Thread:

@@ -19,7 +19,7 @@ from .kernel import ptrace as pt
 from .kernel import seccomp
 from .kernel.sysnums import NR
 from .tracee import FsState, GuestError, Process, Thread
-from .syscalls.base import Rewrite
+from .syscalls.base import Park, Rewrite
 from .syscalls import table
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class Tracer:
         self.main_status: int | None = None
         self.stats = session.stats
         self.handlers = table.HANDLERS
+        self.parked: dict = {}  # tid -> (Thread, Park, nr, start): blocked in a lock wait
 
     # ---- start
 
@@ -115,26 +116,74 @@ class Tracer:
         waitpid = os.waitpid
         threads = self.threads
         while threads:
+            if self.parked:
+                self._run_with_parked()
+                continue
             try:
                 tid, status = waitpid(-1, pt.WALL)
             except ChildProcessError:
                 break
-            t = threads.get(tid)
-            if os.WIFSTOPPED(status):
-                self.stats.ptrace_stops += 1
-                if t is None:
-                    t = self._new_thread(tid)
-                try:
-                    self._on_stop(t, status)
-                except ProcessLookupError:
-                    pass  # the task was killed while stopped (SIGKILL); its exit follows
-            else:
-                if tid == self.main_pid:
-                    self.main_status = status
-                if t is not None:
-                    self._forget_thread(t)
+            self._on_wait(tid, status)
         self._read_exec_error()
         return self.main_status if self.main_status is not None else 0
+
+    def _on_wait(self, tid: int, status: int) -> None:
+        t = self.threads.get(tid)
+        if os.WIFSTOPPED(status):
+            self.stats.ptrace_stops += 1
+            if t is None:
+                t = self._new_thread(tid)
+            try:
+                self._on_stop(t, status)
+            except ProcessLookupError:
+                pass  # the task was killed while stopped (SIGKILL); its exit follows
+        else:
+            if tid == self.main_pid:
+                self.main_status = status
+            if t is not None:
+                self._forget_thread(t)
+
+    RETRY_S = 0.02
+
+    def _run_with_parked(self) -> None:
+        """Some threads wait for a lock: wake up for tracee events or to retry them."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        try:
+            epoch = -1
+            while self.parked and self.threads:
+                drained = False
+                while True:
+                    try:
+                        tid, status = os.waitpid(-1, pt.WALL | os.WNOHANG)
+                    except ChildProcessError:
+                        return
+                    if tid == 0:
+                        break
+                    drained = True
+                    self._on_wait(tid, status)
+                if self.session.lock_epoch != epoch or not drained:
+                    epoch = self.session.lock_epoch
+                    self._retry_parked()
+                if self.parked and not drained:
+                    signal.sigtimedwait([signal.SIGCHLD], self.RETRY_S)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+
+    def _retry_parked(self) -> None:
+        for tid, (t, park, nr, start) in list(self.parked.items()):
+            try:
+                result = park.retry()
+            except GuestError as e:
+                result = -e.errno
+            if result is None:
+                continue
+            del self.parked[tid]
+            self.session.record(t, nr, result, time.perf_counter() - start)
+            try:
+                t.set_result(result)
+                pt.cont(t.tid)
+            except ProcessLookupError:
+                pass
 
     def _read_exec_error(self) -> None:
         try:
@@ -187,6 +236,9 @@ class Tracer:
             outcome.apply(t)
             t.on_exit = (outcome, nr, start)
             pt.syscall(t.tid)
+            return
+        if isinstance(outcome, Park):
+            self.parked[t.tid] = (t, outcome, nr, start)
             return
         session.record(t, nr, outcome, time.perf_counter() - start)
         t.set_result(outcome)
@@ -322,10 +374,12 @@ class Tracer:
 
     def _forget_thread(self, t: Thread) -> None:
         self.threads.pop(t.tid, None)
+        self.parked.pop(t.tid, None)
         proc = t.process
         if proc is None:
             return
         proc.threads.discard(t)
         if not proc.threads:
+            self.session.process_gone(proc)
             for ofd in proc.fds.drop_all():
                 self.session.release(ofd)

@@ -5,7 +5,8 @@ six raw register arguments and the outcome is one of:
   None       the local kernel runs the syscall untouched;
   int        the syscall is skipped and returns this (negative = -errno);
   Rewrite    the kernel runs a different syscall, and `finish` turns its
-             result into the guest's result at the syscall-exit stop.
+             result into the guest's result at the syscall-exit stop;
+  Park       the call must wait (a lock): legorun retries it later.
 Handlers raise tracee.GuestError(errno) to fail the call.
 """
 from __future__ import annotations
@@ -44,6 +45,15 @@ class Rewrite:
         """The guest sees its argument registers unchanged, as after any syscall."""
         for name, value in zip(_ARGS, self.saved):
             setattr(t.regs, name, value)
+
+
+class Park:
+    """The call blocks (F_SETLKW, flock): the thread stays stopped and `retry()`
+    is called again later; it returns None while still blocked, else the result."""
+    __slots__ = ("retry",)
+
+    def __init__(self, retry: Callable) -> None:
+        self.retry = retry
 
 
 def s32(v: int) -> int:

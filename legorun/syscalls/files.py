@@ -16,7 +16,7 @@ from ..paths import join_rel, local_cwd, local_fd_path, normalize
 from ..proto import storage_pb2 as pb
 from ..storage_client import ComponentError
 from ..tracee import GuestError
-from .base import Rewrite, s32, s64
+from .base import Park, Rewrite, s32, s64
 
 AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
@@ -491,9 +491,11 @@ def sys_openat2(s, t, a):
 
 def sys_close(s, t, a):
     fd = s32(a[0])
-    fds = t.process.fds
+    proc = t.process
+    fds = proc.fds
     if fd not in fds:
         return None
+    s.close_file_locks(proc, fds.get(fd))
     ofd = fds.remove(fd)
     if ofd is not None:
         s.release(ofd)
@@ -585,14 +587,105 @@ def sys_fcntl(s, t, a):
         ofd.flags = (ofd.flags & ~SETFL_MASK) | (s32(a[2]) & SETFL_MASK)
         return 0
     if cmd in (F_GETLK, F_SETLK, F_SETLKW, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW):
-        raise GuestError(E.ENOLCK)
+        return _fcntl_lock(s, t, ofd, cmd, a[2])
     raise GuestError(E.EINVAL)
 
 
+FLOCK_FMT = struct.Struct("<hh4xqqi4x")  # struct flock (32 bytes)
+F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
+LOCK_SH, LOCK_EX, LOCK_NB, LOCK_UN = 1, 2, 4, 8
+SPACE_RECORD, SPACE_FLOCK = 0, 1
+
+
+def _lock_range(s, ofd, whence: int, start: int, length: int) -> tuple:
+    if whence == SEEK_SET:
+        base = 0
+    elif whence == SEEK_CUR:
+        base = ofd.offset
+    elif whence == SEEK_END:
+        base = remote_stat(s, ofd.mount, ofd.path).size
+    else:
+        raise GuestError(E.EINVAL)
+    start += base
+    if length < 0:
+        start, length = start + length, -length
+    if start < 0:
+        raise GuestError(E.EINVAL)
+    return start, length
+
+
+def _take(s, ofd, lock: pb.Lock, wait: bool, on_taken, busy=E.EAGAIN):
+    """Ask the server for a lock; park the thread while it is busy and `wait` holds."""
+    def attempt():
+        try:
+            rpc(s, ofd.mount, lock=lock)
+        except GuestError as e:
+            if e.errno == E.EAGAIN:
+                return None
+            raise
+        on_taken()
+        return 0
+    result = attempt()
+    if result is not None:
+        return result
+    if not wait:
+        raise GuestError(busy)
+    return Park(attempt)
+
+
+def _fcntl_lock(s, t, ofd, cmd: int, addr: int):
+    l_type, l_whence, l_start, l_len, l_pid = FLOCK_FMT.unpack(t.read_bytes(addr, FLOCK_FMT.size))
+    per_ofd = cmd in (F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW)
+    if l_type not in (F_RDLCK, F_WRLCK, F_UNLCK) or (per_ofd and l_pid != 0):
+        raise GuestError(E.EINVAL)
+    start, length = _lock_range(s, ofd, l_whence, l_start, l_len)
+    proc = t.process
+    owner = s.ofd_lock_owner(ofd) if per_ofd else s.process_lock_owner(proc)
+    if cmd in (F_GETLK, F_OFD_GETLK):
+        if l_type == F_UNLCK:
+            raise GuestError(E.EINVAL)
+        r = rpc(s, ofd.mount, lock=pb.Lock(path=ofd.path, owner=owner, space=SPACE_RECORD,
+                                            type=l_type, start=start, length=length, test=True)).lock
+        if r.type == F_UNLCK:
+            out = FLOCK_FMT.pack(F_UNLCK, l_whence, l_start, l_len, l_pid)
+        else:
+            out = FLOCK_FMT.pack(r.type, SEEK_SET, r.start, r.length, r.pid)
+        t.write_bytes(addr, out)
+        return 0
+    if l_type == F_RDLCK and (ofd.flags & O_ACCMODE == O_WRONLY or ofd.flags & O_PATH):
+        raise GuestError(E.EBADF)
+    if l_type == F_WRLCK and (ofd.flags & O_ACCMODE == 0 or ofd.flags & O_PATH):
+        raise GuestError(E.EBADF)
+    lock = pb.Lock(path=ofd.path, owner=owner, space=SPACE_RECORD, type=l_type, start=start,
+                   length=length, pid=-1 if per_ofd else proc.pid)
+
+    def taken():
+        if per_ofd:
+            ofd.locked = True
+        else:
+            proc.lock_files.add((ofd.mount, ofd.path))
+        if l_type == F_UNLCK:
+            s.locks_released()
+    return _take(s, ofd, lock, cmd in (F_SETLKW, F_OFD_SETLKW), taken)
+
+
 def sys_flock(s, t, a):
-    if s32(a[0]) not in t.process.fds:
+    ofd = t.process.fds.get(s32(a[0]))
+    if ofd is None:
         return None
-    raise GuestError(E.ENOLCK)
+    op = s32(a[1])
+    kind = op & ~LOCK_NB
+    types = {LOCK_SH: F_RDLCK, LOCK_EX: F_WRLCK, LOCK_UN: F_UNLCK}
+    if kind not in types:
+        raise GuestError(E.EINVAL)
+    lock = pb.Lock(path=ofd.path, owner=s.ofd_lock_owner(ofd), space=SPACE_FLOCK,
+                   type=types[kind], start=0, length=0, pid=t.process.pid)
+
+    def taken():
+        ofd.locked = True
+        if kind == LOCK_UN:
+            s.locks_released()
+    return _take(s, ofd, lock, not op & LOCK_NB, taken, busy=E.EWOULDBLOCK)
 
 
 def sys_ioctl(s, t, a):

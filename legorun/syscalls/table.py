@@ -56,8 +56,8 @@ TABLE: list[Entry] = [
     _e("dup", "fd", files.sys_dup, serves=LEGORUN, note="legorun\'s fd table; the kernel keeps a placeholder at the same number"),
     _e("dup2", "always", files.sys_dup2, serves=LEGORUN, note="legorun\'s fd table; the kernel keeps a placeholder at the same number"),
     _e("dup3", "always", files.sys_dup3, serves=LEGORUN, note="legorun\'s fd table; the kernel keeps a placeholder at the same number"),
-    _e("fcntl", "fd", files.sys_fcntl, serves=LEGORUN, note="F_DUPFD*, F_GETFD/SETFD, F_GETFL/SETFL; record locks refused with ENOLCK for now"),
-    _e("flock", "fd", files.sys_flock, serves=LEGORUN, note="refused with ENOLCK for now"),
+    _e("fcntl", "fd", files.sys_fcntl, serves=LEGORUN, note="F_DUPFD*, F_GETFD/SETFD, F_GETFL/SETFL in legorun; record and OFD locks held by the sComponent (F_SETLKW waits in legorun, not in the guest)"),
+    _e("flock", "fd", files.sys_flock, note="held by the sComponent for the open file description"),
     # --- data
     _e("read", "fd", files.sys_read),
     _e("write", "fd", files.sys_write),

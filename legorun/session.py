@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import errno as E
-import logging
 import os
-import secrets
 import signal
 import sys
 
@@ -12,12 +10,10 @@ from .components import EmbeddedComponent, StartError, default_storage_root
 from .kernel.seccomp import SECCOMP_FILTER_FLAG_TSYNC, SECCOMP_SET_MODE_FILTER, SECCOMP_SYSCALL
 from .kernel.sysnums import NAMES
 from .paths import MountTable
-from .proto import storage_pb2 as pb
+from .proto import storage as pb
 from .stats import RunStats
-from .storage_client import ComponentError, StorageClient
+from .errors import ComponentError
 from .syscalls import table
-
-log = logging.getLogger(__name__)
 
 
 class FatalError(Exception):
@@ -36,7 +32,7 @@ class Session:
         self._embedded = []
         self._failed = set()
         self.open_files: dict = {}  # (mount, path) -> set of OpenFile
-        self.session_id = secrets.token_hex(8)  # names this run's lock owners on servers
+        self.session_id = os.urandom(8).hex()  # names this run's lock owners on servers
         self.lock_epoch = 0         # bumped on every unlock: parked lock waiters retry
         self.native_cpus = None     # the guest's CPUs natively, when legorun pinned it
         self.guest_set_affinity = set()  # tids whose affinity the guest chose itself
@@ -60,6 +56,7 @@ class Session:
             except StartError as e:
                 raise FatalError(str(e)) from None
             self._embedded.append(comp)
+        from .storage_client import StorageClient
         client = StorageClient(address, token=self.token, tls_ca=self.tls_ca, name="sComponent")
         try:
             client.connect()
@@ -73,10 +70,10 @@ class Session:
         cpus = os.sched_getaffinity(0)
         if len(cpus) < 2:
             return
-        try:
-            import psutil
-            here = psutil.Process().cpu_num()
-        except Exception:
+        try:  # field 39 of /proc/self/stat: the CPU this process last ran on
+            with open("/proc/self/stat") as f:
+                here = int(f.read().rpartition(")")[2].split()[36])
+        except (OSError, ValueError, IndexError):
             here = -1
         cpu = here if here in cpus else max(cpus)
         self.native_cpus = sorted(cpus)
@@ -194,7 +191,7 @@ class Session:
     def silly_rename(self, mount, rel: str) -> None:
         """Unlink of an open file: hide it until the last close (as NFS clients do)."""
         head, _, name = rel.rpartition("/")
-        hidden = f".legorun-{secrets.token_hex(6)}-{name}"[:255]
+        hidden = f".legorun-{os.urandom(6).hex()}-{name}"[:255]
         hidden = f"{head}/{hidden}" if head else hidden
         reply = self.storage(mount).call(rename=pb.Rename(old_path=rel, new_path=hidden))
         if reply.errno:

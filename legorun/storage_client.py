@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import grpc
 
+from legorun.errors import ComponentError
 from legorun.proto import storage_pb2 as pb
 
 METHOD_CALL = "/legorun.storage.v1.Storage/Call"
@@ -82,21 +83,6 @@ def encode_request(rid: int, op: dict[str, Any]) -> tuple[str | None, bytes]:
 
 def _identity(b: bytes) -> bytes:
     return b
-
-
-class ComponentError(Exception):
-    """The component cannot be reached, refused us, or died.
-
-    str() is one line: "sComponent at unix:/tmp/x.sock: connection refused".
-    ``code`` is the grpc.StatusCode when gRPC gave one.
-    """
-
-    def __init__(self, name: str, address: str, reason: str, code: grpc.StatusCode | None = None):
-        super().__init__(f"{name} at {address}: {reason}")
-        self.name = name
-        self.address = address
-        self.reason = reason
-        self.code = code
 
 
 def _reason(err: grpc.RpcError) -> str:

@@ -8,7 +8,6 @@ stacked later) traps; everything else runs at native speed.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import signal
 import sys
@@ -21,8 +20,6 @@ from .kernel.sysnums import NR
 from .tracee import FsState, GuestError, Process, Thread
 from .syscalls.base import Park, Rewrite
 from .syscalls import table
-
-log = logging.getLogger(__name__)
 
 OPTIONS = (pt.PTRACE_O_TRACESYSGOOD | pt.PTRACE_O_TRACECLONE | pt.PTRACE_O_TRACEFORK
            | pt.PTRACE_O_TRACEVFORK | pt.PTRACE_O_TRACEEXEC | pt.PTRACE_O_TRACESECCOMP

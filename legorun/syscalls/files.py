@@ -13,8 +13,8 @@ import struct
 from ..fdtable import OpenFile
 from ..kernel.sysnums import NR
 from ..paths import join_rel, local_cwd, local_fd_path, normalize
-from ..proto import storage_pb2 as pb
-from ..storage_client import ComponentError
+from ..proto import storage as pb
+from ..errors import ComponentError
 from ..tracee import GuestError
 from .base import Park, Rewrite, s32, s64
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import errno as E
-import logging
 import os
 import sys
 
@@ -10,8 +9,6 @@ from ..tracee import GuestError
 from ..kernel.sysnums import NR
 from .base import Rewrite, s32
 from .files import AT_EMPTY_PATH, AT_FDCWD, path_arg
-
-log = logging.getLogger(__name__)
 
 
 def _exec(s, t, dirfd, addr, flags=0):

@@ -1,0 +1,17 @@
+"""Errors that cross layers (kept free of heavy imports: grpc loads only when needed)."""
+from __future__ import annotations
+
+
+class ComponentError(Exception):
+    """The component cannot be reached, refused us, or died.
+
+    str() is one line: "sComponent at unix:/tmp/x.sock: connection refused".
+    ``code`` is the grpc.StatusCode when gRPC gave one.
+    """
+
+    def __init__(self, name: str, address: str, reason: str, code=None):
+        super().__init__(f"{name} at {address}: {reason}")
+        self.name = name
+        self.address = address
+        self.reason = reason
+        self.code = code

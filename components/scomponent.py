@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 
 import grpc
 
+from legorun import wire
 from legorun.proto import storage_pb2 as pb
 from legorun.proto import storage_pb2_grpc as pb_grpc
 
@@ -196,6 +197,29 @@ def _dtype(entry: os.DirEntry) -> int:
     return 0
 
 
+def write_at(fd: int, data, offset: int, append: bool) -> tuple:
+    """Write all of data (a bytes-like) at offset, or append it; returns
+    (count, offset where it landed). Short only when an error follows a
+    partial write, as write(2) reports it."""
+    if append:
+        # One write(2) on an O_APPEND fd: atomic against other appenders.
+        count = os.write(fd, data)
+        return count, os.lseek(fd, 0, os.SEEK_CUR) - count
+    count = 0
+    view = memoryview(data)
+    while count < len(view):
+        try:
+            n = os.pwrite(fd, view[count:], offset + count)
+        except OSError:
+            if count:
+                break
+            raise
+        if n == 0:
+            break
+        count += n
+    return count, offset
+
+
 class Operations:
     """One handler per Request op: handler(msg, reply) fills ``reply`` in
     place, or returns the bytes of Reply.data (read, readlink), or raises
@@ -236,25 +260,8 @@ class Operations:
 
     def write(self, m: pb.Write, reply: pb.Reply) -> None:
         flags = os.O_WRONLY | SERVER_OPEN | (os.O_APPEND if m.append else 0)
-        data = m.data
         with self.root.fd_of(m.path, flags) as fd:
-            if m.append:
-                # One write(2) on an O_APPEND fd: atomic against other appenders.
-                count = os.write(fd, data)
-                offset = os.lseek(fd, 0, os.SEEK_CUR) - count
-            else:
-                offset, count = m.offset, 0
-                view = memoryview(data)
-                while count < len(data):
-                    try:
-                        n = os.pwrite(fd, view[count:], offset + count)
-                    except OSError:
-                        if count:
-                            break  # a short write, as write(2) reports it
-                        raise
-                    if n == 0:
-                        break
-                    count += n
+            count, offset = write_at(fd, m.data, m.offset, m.append)
         reply.written.count = count
         reply.written.offset = offset
 
@@ -515,6 +522,52 @@ class StorageServicer(pb_grpc.StorageServicer):
                 for owner in owners:
                     self.locks.release(owner)
 
+    def Data(self, request_iterator, context):
+        """The raw data path (legorun/wire.py): READ, WRITE and APPEND frames."""
+        REQ, REP = wire.REQ, wire.REP
+        hsize = REQ.size
+        root = self.root
+        for frame in request_iterator:
+            if len(frame) < hsize:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "data frame shorter than its header")
+            rid, op, path_len, length, offset = REQ.unpack_from(frame)
+            path_end = hsize + path_len
+            raw_path = frame[hsize:path_end]
+            problem = None
+            if op not in (wire.READ, wire.WRITE, wire.APPEND):
+                problem = f"unknown data op {op}"
+            elif len(frame) < path_end or b"\0" in raw_path:
+                problem = "bad path in data frame"
+            elif length > wire.MAX_FRAME_DATA:
+                problem = f"data length {length} exceeds {wire.MAX_FRAME_DATA} bytes"
+            elif op != wire.READ and len(frame) != path_end + length:
+                problem = "data frame length does not match its header"
+            if problem:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"frame {rid}: {problem}")
+            path = raw_path.decode("utf-8", "surrogateescape")
+            try:
+                if op == wire.READ:
+                    buf = bytearray(REP.size + length)
+                    with root.fd_of(path, os.O_RDONLY | SERVER_OPEN) as fd:
+                        got = os.preadv(fd, [memoryview(buf)[REP.size:]], offset)
+                    REP.pack_into(buf, 0, rid, 0, got, offset)
+                    reply = bytes(memoryview(buf)[:REP.size + got])
+                else:
+                    data = memoryview(frame)[path_end:]
+                    append = op == wire.APPEND
+                    flags = os.O_WRONLY | SERVER_OPEN | (os.O_APPEND if append else 0)
+                    with root.fd_of(path, flags) as fd:
+                        done, at = write_at(fd, data, offset, append)
+                    reply = REP.pack(rid, 0, done, at)
+            except OSError as e:
+                reply = REP.pack(rid, e.errno or errno.EIO, 0, 0)
+            except (OverflowError, ValueError):
+                reply = REP.pack(rid, errno.EINVAL, 0, 0)
+            with self._lock:
+                self._requests += 1
+                self._by_op["data_read" if op == wire.READ else "data_write"] += 1
+            yield reply
+
     def Status(self, request, context):
         files = size = 0
         stack = [self.root.path]
@@ -548,6 +601,7 @@ def add_storage_to_server(servicer: StorageServicer, server: grpc.Server) -> str
         "Call": grpc.stream_stream_rpc_method_handler(
             servicer.Call, request_deserializer=pb.Request.FromString,
             response_serializer=serialize_reply),
+        "Data": grpc.stream_stream_rpc_method_handler(servicer.Data),  # raw frames
         "Status": grpc.unary_unary_rpc_method_handler(
             servicer.Status, request_deserializer=pb.StatusRequest.FromString,
             response_serializer=pb.StatusReply.SerializeToString),

@@ -25,6 +25,8 @@ class OpenFile:
     silly_name: str | None = None  # unlinked while open: renamed to this hidden name
     ino: int = 0           # the file's inode number on the server
     locked: bool = False   # took OFD or flock locks (released with the description)
+    seq_next: int = 0      # where a sequential reader reads next
+    ahead: tuple | None = None  # a read-ahead in flight: (offset, sizes, frame ids)
     refs: int = 0
 
 

@@ -168,8 +168,18 @@ class Session:
             self._release_locks(mount, self.process_lock_owner(proc))
         proc.lock_files.clear()
 
+    def invalidate_ahead(self, mount, path: str) -> None:
+        """This run changes the file: read-aheads of it would be stale."""
+        for ofd in self.open_files.get((mount, path), ()):
+            if ofd.ahead is not None:
+                self._client.forget(ofd.ahead[2])
+                ofd.ahead = None
+
     def release(self, ofd) -> None:
         """The last fd of an open file description is gone."""
+        if ofd.ahead is not None and self._client is not None:
+            self._client.forget(ofd.ahead[2])
+            ofd.ahead = None
         if ofd.locked:
             ofd.locked = False
             self._release_locks(ofd.mount, self.ofd_lock_owner(ofd))

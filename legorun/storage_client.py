@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import grpc
 
+from legorun import wire
 from legorun.errors import ComponentError
 from legorun.proto import storage_pb2 as pb
 
@@ -109,10 +110,10 @@ class _Stream:
     """One open Call stream: a queue feeding gRPC's request iterator and the
     response iterator read by the caller."""
 
-    def __init__(self, channel: grpc.Channel, metadata):
+    def __init__(self, channel: grpc.Channel, metadata, method: str = METHOD_CALL):
         self.requests: queue.SimpleQueue = queue.SimpleQueue()
         call = channel.stream_stream(
-            METHOD_CALL, request_serializer=_identity, response_deserializer=_identity)
+            method, request_serializer=_identity, response_deserializer=_identity)
         self.responses = call(self._feed(), metadata=metadata)
 
     def _feed(self) -> Iterator[bytes]:
@@ -143,6 +144,7 @@ class StorageClient:
         self._tls_ca = tls_ca
         self._channel: grpc.Channel | None = None
         self._stream: _Stream | None = None
+        self._data: _Stream | None = None  # the raw data path (legorun.wire)
         self._lock = threading.Lock()
         self._next_id = 1
         # op -> [count, errors, seconds, bytes_sent, bytes_received]
@@ -189,9 +191,10 @@ class StorageClient:
         return self._stream
 
     def _fail(self, err: grpc.RpcError) -> ComponentError:
-        stream, self._stream = self._stream, None
-        if stream is not None:
-            stream.close()
+        for stream in (self._stream, self._data):
+            if stream is not None:
+                stream.close()
+        self._stream = self._data = None
         return self._error(_reason(err), err.code() if hasattr(err, "code") else None)
 
     # -- requests ---------------------------------------------------------
@@ -267,6 +270,85 @@ class StorageClient:
                 self._account(opname, each, len(data), raw, reply)
             return replies
 
+    def new_ids(self, count: int) -> int:
+        """Reserve `count` consecutive request ids for data frames; returns the first."""
+        with self._lock:
+            first = self._next_id
+            self._next_id += count
+            return first
+
+    def exchange(self, frames: list, kind: str) -> list:
+        """Send raw data frames (legorun.wire.REQ ...) on the Data stream and
+        return their raw replies, in order; raises ComponentError like call()."""
+        return self.collect(self.submit(frames, kind))
+
+    def submit(self, frames: list, kind: str) -> list:
+        """Send data frames now and return their ids, to collect() later (or
+        forget()): the server works on them while the caller does other things."""
+        with self._lock:
+            try:
+                if self._data is None:
+                    self._data = _Stream(self._get_channel(), self._metadata, wire.METHOD_DATA)
+                    self._stash, self._forgotten, self._sent_at = {}, set(), {}
+                put = self._data.requests.put
+                for frame in frames:
+                    put(frame)
+            except grpc.RpcError as e:
+                raise self._fail(e) from None
+            now = time.perf_counter()
+            s = self._stats.get(kind)
+            if s is None:
+                s = self._stats[kind] = [0, 0, 0.0, 0, 0]
+            ids = []
+            for frame in frames:
+                rid = wire.REQ.unpack_from(frame)[0] if len(frame) >= wire.REQ.size else -1
+                ids.append(rid)
+                self._sent_at[rid] = (now, s)
+                s[0] += 1
+                s[3] += len(frame)
+            return ids
+
+    def collect(self, ids: list) -> list:
+        """The replies to frames sent by submit(), in the order of `ids`."""
+        with self._lock:
+            stash = self._stash
+            try:
+                out = []
+                for rid in ids:
+                    while rid not in stash:
+                        self._receive_data()
+                    out.append(stash.pop(rid))
+                return out
+            except grpc.RpcError as e:
+                raise self._fail(e) from None
+            except StopIteration:
+                self._data = None
+                raise self._error("data stream closed by the server") from None
+
+    def forget(self, ids: list) -> None:
+        """Drop the replies to these frames when they come (a read-ahead not needed)."""
+        with self._lock:
+            for rid in ids:
+                if self._stash.pop(rid, None) is None and rid in self._sent_at:
+                    self._forgotten.add(rid)
+
+    def _receive_data(self) -> None:
+        reply = next(self._data.responses)
+        rid, err, _, _ = wire.REP.unpack_from(reply)
+        sent = self._sent_at.pop(rid, None)
+        if sent is None:
+            self._data.close()
+            self._data = None
+            raise self._error(f"protocol error: unexpected data reply {rid}")
+        when, s = sent
+        s[1] += 1 if err else 0
+        s[2] += time.perf_counter() - when
+        s[4] += len(reply)
+        if rid in self._forgotten:
+            self._forgotten.discard(rid)
+        else:
+            self._stash[rid] = reply
+
     def status(self, timeout: float = 10.0) -> pb.StatusReply:
         """The server's Status (files, bytes, requests served)."""
         try:
@@ -287,9 +369,10 @@ class StorageClient:
     def close(self) -> None:
         """Close the stream and the channel; a later call reopens them."""
         with self._lock:
-            if self._stream is not None:
-                self._stream.close()
-                self._stream = None
+            for stream in (self._stream, self._data):
+                if stream is not None:
+                    stream.close()
+            self._stream = self._data = None
             if self._channel is not None:
                 self._channel.close()
                 self._channel = None

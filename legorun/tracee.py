@@ -118,6 +118,17 @@ class Thread:
         except OSError as e:
             raise GuestError(errno.EFAULT) from e
 
+    def write_slice(self, addr: int, data: bytes, start: int, length: int) -> int:
+        """Write data[start:start+length]; short at a bad page, EFAULT if nothing."""
+        try:
+            return pt.vm_write_slice(self.tid, addr, data, start, length)
+        except OSError as e:
+            raise GuestError(errno.EFAULT) from e
+
+    def read_frame(self, addr: int, length: int, header: bytes) -> bytes:
+        """header + up to length bytes at addr (short at a bad page)."""
+        return pt.vm_read_frame(self.tid, addr, length, header)
+
     def read_cstring(self, addr: int, limit: int = PATH_MAX) -> bytes:
         """A NUL-terminated string (a path): EFAULT, or ENAMETOOLONG past `limit`."""
         if addr == 0:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import pathlib
 import os
 import selectors
 import signal
@@ -385,6 +386,39 @@ def test_malformed_requests_abort_only_their_stream(shared, client):
         assert client.call(stat=pb.Stat(path="")).errno == 0
     assert other.call(stat=pb.Stat(path="")).errno == 0
     other.close()
+
+
+def test_malformed_data_frames_abort_only_their_stream(shared, client):
+    from legorun import wire
+    (pathlib.Path(shared.root) / "d").write_bytes(b"0123456789")
+    good = lambda rid: wire.REQ.pack(rid, wire.READ, 1, 4, 2) + b"d"
+    for bad in (b"short",                                             # shorter than a header
+                wire.REQ.pack(1, 9, 1, 4, 0) + b"d",                  # unknown op
+                wire.REQ.pack(1, wire.READ, 3, 4, 0) + b"a\0b",       # NUL in the path
+                wire.REQ.pack(1, wire.READ, 1, 32 << 20, 0) + b"d",   # too long
+                wire.REQ.pack(1, wire.WRITE, 1, 10, 0) + b"d" + b"x"):  # length mismatch
+        with pytest.raises(ComponentError) as info:
+            client.exchange([bad], "data")
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        rid = client.new_ids(1)
+        reply, = client.exchange([good(rid)], "data")  # a new stream is served
+        assert wire.REP.unpack_from(reply)[:3] == (rid, 0, 4)
+        assert reply[wire.REP.size:] == b"2345"
+
+
+def test_data_frames_write_append_and_read(shared, client):
+    from legorun import wire
+    rid = client.new_ids(4)
+    frames = [wire.REQ.pack(rid, wire.WRITE, 1, 5, 3) + b"w" + b"hello",
+              wire.REQ.pack(rid + 1, wire.APPEND, 1, 3, 0) + b"w" + b"abc",
+              wire.REQ.pack(rid + 2, wire.READ, 1, 100, 0) + b"w",
+              wire.REQ.pack(rid + 3, wire.READ, 7, 1, 0) + b"missing"]
+    (pathlib.Path(shared.root) / "w").write_bytes(b"")
+    replies = client.exchange(frames, "data")
+    assert wire.REP.unpack_from(replies[0]) == (rid, 0, 5, 3)
+    assert wire.REP.unpack_from(replies[1]) == (rid + 1, 0, 3, 8)   # landed at the old end
+    assert replies[2][wire.REP.size:] == b"\0\0\0helloabc"
+    assert wire.REP.unpack_from(replies[3])[1] == errno.ENOENT
 
 
 def test_killed_server_makes_the_next_call_fail_promptly(tmp_path):

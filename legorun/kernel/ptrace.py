@@ -195,6 +195,33 @@ def vm_write(pid: int, addr: int, data: bytes | memoryview) -> int:
     return n
 
 
+def vm_write_slice(pid: int, addr: int, data: bytes, start: int, length: int) -> int:
+    """Copy data[start:start+length] to guest addr without copying it first."""
+    if length <= 0:
+        return 0
+    base = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+    local = iovec(base + start, length)
+    remote = iovec(addr, length)
+    n = _process_vm_writev(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if n < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return n
+
+
+def vm_read_frame(pid: int, addr: int, length: int, header: bytes) -> bytes:
+    """header + up to `length` guest bytes at addr, as one bytes object built
+    with a single copy; short when the range runs into a bad page."""
+    buf = ctypes.create_string_buffer(len(header) + length)
+    ctypes.memmove(buf, header, len(header))
+    local = iovec(ctypes.addressof(buf) + len(header), length)
+    remote = iovec(addr, length)
+    n = _process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0) if length else 0
+    if n < 0:
+        n = 0
+    return ctypes.string_at(buf, len(header) + n)
+
+
 def libc_syscall(nr: int, *args: int) -> int:
     """Call a raw syscall in this process; raises OSError on failure."""
     fn = _libc.syscall

@@ -13,6 +13,7 @@ import struct
 from ..fdtable import OpenFile
 from ..kernel.sysnums import NR
 from ..paths import join_rel, local_cwd, local_fd_path, normalize
+from .. import wire
 from ..proto import storage as pb
 from ..errors import ComponentError
 from ..tracee import GuestError
@@ -409,6 +410,7 @@ def sys_truncate(s, t, a):
     if length < 0:
         raise GuestError(E.EINVAL)
     mount, rel = target
+    s.invalidate_ahead(mount, rel)
     rpc(s, mount, truncate=pb.Truncate(path=rel, length=length))
     return 0
 
@@ -438,8 +440,10 @@ def _open(s, t, target, flags: int, mode: int):
         if flags & O_DIRECTORY and not S.S_ISDIR(attr.mode):
             raise GuestError(E.ENOTDIR)
     else:
-        wire = flags & (O_ACCMODE | O_CREAT | O_EXCL | O_TRUNC | O_DIRECTORY | O_NOFOLLOW)
-        attr = rpc(s, mount, open=pb.Open(path=rel, flags=wire,
+        wire_flags = flags & (O_ACCMODE | O_CREAT | O_EXCL | O_TRUNC | O_DIRECTORY | O_NOFOLLOW)
+        if flags & O_TRUNC:
+            s.invalidate_ahead(mount, rel)
+        attr = rpc(s, mount, open=pb.Open(path=rel, flags=wire_flags,
                                             mode=mode & 0o7777 & ~_umask(t))).attr
     ofd = OpenFile(mount, rel, flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC | O_NOCTTY),
                    is_dir=S.S_ISDIR(attr.mode))
@@ -740,60 +744,234 @@ def _writable(ofd):
         raise GuestError(E.EBADF)
 
 
-def _pull(s, ofd, offset: int, count: int) -> bytes:
-    """Read up to count bytes at offset from the server (short at end of file)."""
-    count = min(count, MAX_IO)
-    if count <= CHUNK:
-        return rpc(s, ofd.mount, read=pb.Read(path=ofd.path, offset=offset, length=count)).data
-    ops = [{"read": pb.Read(path=ofd.path, offset=off, length=min(CHUNK, offset + count - off))}
-           for off in range(offset, offset + count, CHUNK)]
-    out = []
-    for reply in rpc_many(s, ofd.mount, ops):
-        if reply.errno:
-            if out:
-                break
-            raise GuestError(reply.errno)
-        out.append(reply.data)
-        if len(reply.data) < CHUNK:
-            break
-    return b"".join(out)
+PIECE = 512 * 1024   # bytes per data frame: pieces of one call travel pipelined
+BATCH = 16           # frames in flight per exchange (4 MiB)
 
 
-def _push(s, ofd, offset: int | None, data: bytes) -> tuple:
-    """Write data at offset (None: append); returns (count, offset written at)."""
-    append = offset is None
-    if len(data) <= CHUNK:
-        r = rpc(s, ofd.mount, write=pb.Write(path=ofd.path, offset=offset or 0, data=data,
-                                              append=append)).written
-        return r.count, r.offset
-    if append:  # one atomic append, as the kernel does for one write(2)
-        r = rpc(s, ofd.mount, write=pb.Write(path=ofd.path, data=data, append=True)).written
-        return r.count, r.offset
-    mv = memoryview(data)
-    ops = [{"write": pb.Write(path=ofd.path, offset=offset + i, data=bytes(mv[i:i + CHUNK]))}
-           for i in range(0, len(data), CHUNK)]
+def _client(s, mount):
+    try:
+        return s.storage(mount)
+    except ComponentError as e:
+        s.component_failed(e)
+        raise GuestError(E.EIO) from None
+
+
+def _exchange(s, mount, client, frames, kind):
+    try:
+        return client.exchange(frames, kind)
+    except ComponentError as e:
+        s.component_failed(e)
+        raise GuestError(E.EIO) from None
+
+
+def _wire_path(ofd) -> bytes:
+    return ofd.path.encode("utf-8", "surrogateescape")
+
+
+AHEAD_MAX = 4 << 20  # read-ahead of a sequential reader: at most one read's size, 4 MiB
+
+
+def _read_frames(s, ofd, offset: int, count: int):
+    """Yield (reply, count) for the file's bytes from offset, batch by batch,
+    until count bytes, end of file or an error (raised if nothing was read).
+    A read-ahead waiting at this offset is used first."""
+    client = _client(s, ofd.mount)
     done = 0
-    for reply in rpc_many(s, ofd.mount, ops):
-        if reply.errno:
-            if done:
-                break
-            raise GuestError(reply.errno)
-        done += reply.written.count
-    return done, offset
+    ahead, ofd.ahead = ofd.ahead, None
+    if ahead is not None:
+        a_offset, sizes, ids = ahead
+        if a_offset != offset:
+            client.forget(ids)
+        else:
+            replies = _collect(s, client, ids)
+            for i, (reply, want) in enumerate(zip(replies, sizes)):
+                _, err, got, _ = wire.REP.unpack_from(reply)
+                if err:
+                    if done == 0:
+                        break  # ask again below: the error may be gone
+                    return
+                got = min(got, count - done)
+                yield reply, got
+                done += got
+                if done >= count:
+                    return
+                if got < want:
+                    return  # end of file
+    path = _wire_path(ofd)
+    REQ, REP = wire.REQ, wire.REP
+    while done < count:
+        sizes = _pieces(count - done)
+        first = client.new_ids(len(sizes))
+        frames, off = [], offset + done
+        for i, n in enumerate(sizes):
+            frames.append(REQ.pack(first + i, wire.READ, len(path), n, off) + path)
+            off += n
+        for reply, want in zip(_exchange(s, ofd.mount, client, frames, "data_read"), sizes):
+            _, err, got, _ = REP.unpack_from(reply)
+            if err:
+                if done == 0:
+                    raise GuestError(err)
+                return
+            yield reply, got
+            done += got
+            if got < want:
+                return
+
+
+def _pieces(count: int) -> list:
+    sizes = []
+    while count and len(sizes) < BATCH:
+        sizes.append(min(PIECE, count))
+        count -= sizes[-1]
+    return sizes
+
+
+def _collect(s, client, ids):
+    try:
+        return client.collect(ids)
+    except ComponentError as e:
+        s.component_failed(e)
+        raise GuestError(E.EIO) from None
+
+
+def _read_ahead(s, ofd, offset: int, count: int) -> None:
+    """A sequential reader will want the next `count` bytes: ask for them now,
+    so the server reads and sends them while the guest works."""
+    count = min(count, AHEAD_MAX)
+    client = _client(s, ofd.mount)
+    path = _wire_path(ofd)
+    sizes = _pieces(count)
+    first = client.new_ids(len(sizes))
+    frames, off = [], offset
+    for i, n in enumerate(sizes):
+        frames.append(wire.REQ.pack(first + i, wire.READ, len(path), n, off) + path)
+        off += n
+    try:
+        ids = client.submit(frames, "data_read_ahead")
+    except ComponentError as e:
+        s.component_failed(e)
+        return
+    ofd.ahead = (offset, sizes, ids)
 
 
 def _read_to(s, t, ofd, buf: int, count: int, offset: int) -> int:
-    data = _pull(s, ofd, offset, count)
-    return t.write_bytes(buf, data) if data else 0
-
-
-def _write_from(s, t, ofd, buf: int, count: int, offset: int | None) -> int:
+    """read(2) into guest memory: short at end of file or at a bad page."""
+    done = 0
     count = min(count, MAX_IO)
-    data = t.read_prefix(buf, count)
-    if not data and count:
-        raise GuestError(E.EFAULT)
-    n, _ = _push(s, ofd, offset, data)
-    return n
+    for reply, got in _read_frames(s, ofd, offset, count):
+        if not got:
+            break
+        n = t.write_slice(buf + done, reply, wire.REP.size, got) if done == 0 else \
+            _try_slice(t, buf + done, reply, got)
+        done += n
+        if n < got:
+            break
+    if done == count and count and offset == ofd.seq_next:
+        _read_ahead(s, ofd, offset + done, count)
+    ofd.seq_next = offset + done
+    return done
+
+
+def _try_slice(t, addr, reply, got):
+    try:
+        return t.write_slice(addr, reply, wire.REP.size, got)
+    except GuestError:
+        return 0
+
+
+def _pull(s, ofd, offset: int, count: int) -> bytes:
+    """Up to count bytes at offset (short at end of file)."""
+    return b"".join(reply[wire.REP.size:wire.REP.size + got]
+                    for reply, got in _read_frames(s, ofd, offset, min(count, MAX_IO)))
+
+
+def _send_writes(s, ofd, frames, sizes, at) -> tuple:
+    client = _client(s, ofd.mount)
+    s.invalidate_ahead(ofd.mount, ofd.path)
+    done, where = 0, at
+    for i, reply in enumerate(_exchange(s, ofd.mount, client, frames, "data_write")):
+        _, err, got, landed = wire.REP.unpack_from(reply)
+        if err:
+            if done == 0:
+                raise GuestError(err)
+            break
+        if i == 0:
+            where = landed
+        done += got
+        if got < sizes[i]:
+            break
+    return done, where
+
+
+def _write_from(s, t, ofd, buf: int, count: int, offset: int | None) -> tuple:
+    """write(2) from guest memory at offset (None: append atomically).
+
+    Returns (count written, offset where it landed). Short at a bad page;
+    EFAULT when not even the first byte is readable.
+    """
+    count = min(count, MAX_IO)
+    client = _client(s, ofd.mount)
+    path = _wire_path(ofd)
+    REQ = wire.REQ
+    append = offset is None
+    piece = min(count, wire.MAX_FRAME_DATA) if append else PIECE
+    total, landed = 0, offset
+    while True:
+        frames, sizes = [], []
+        short = False
+        while total + sum(sizes) < count and len(frames) < BATCH:
+            pos = total + sum(sizes)
+            want = min(piece, count - pos)
+            first = client.new_ids(1)
+            op = wire.APPEND if append else wire.WRITE
+            where = 0 if append else offset + pos
+            head = REQ.pack(first, op, len(path), want, where) + path
+            frame = t.read_frame(buf + pos, want, head)
+            got = len(frame) - len(head)
+            if got == 0:
+                short = True
+                break
+            if got < want:  # a bad page: write what precedes it
+                frame = REQ.pack(first, op, len(path), got, where) + path + frame[len(head):]
+                short = True
+            frames.append(frame)
+            sizes.append(got)
+            if short or append:
+                break
+        if not frames:
+            if total == 0 and count:
+                raise GuestError(E.EFAULT)
+            return total, landed
+        done, where = _send_writes(s, ofd, frames, sizes, landed)
+        if total == 0:
+            landed = where
+        total += done
+        if short or append or done < sum(sizes) or total >= count:
+            return total, landed
+
+
+def _push(s, ofd, offset: int | None, data: bytes) -> tuple:
+    """Write data (bytes held by legorun) at offset, or append; (count, offset)."""
+    client = _client(s, ofd.mount)
+    path = _wire_path(ofd)
+    append = offset is None
+    op = wire.APPEND if append else wire.WRITE
+    total, landed = 0, offset
+    step = wire.MAX_FRAME_DATA if append else PIECE
+    mv = memoryview(data)
+    pieces = [(i, mv[i:i + step]) for i in range(0, len(data), step)] or [(0, mv)]
+    for b in range(0, len(pieces), BATCH):
+        batch = pieces[b:b + BATCH]
+        first = client.new_ids(len(batch))
+        frames = [wire.REQ.pack(first + j, op, len(path), len(p), 0 if append else offset + i)
+                  + path + bytes(p) for j, (i, p) in enumerate(batch)]
+        done, where = _send_writes(s, ofd, frames, [len(p) for _, p in batch], landed)
+        if total == 0:
+            landed = where
+        total += done
+        if done < sum(len(p) for _, p in batch):
+            break
+    return total, landed
 
 
 def sys_read(s, t, a):
@@ -822,13 +1000,10 @@ def sys_write(s, t, a):
         return None
     _writable(ofd)
     if ofd.flags & O_APPEND:
-        data = t.read_prefix(a[1], min(a[2], MAX_IO))
-        if not data and a[2]:
-            raise GuestError(E.EFAULT)
-        n, at = _push(s, ofd, None, data)
+        n, at = _write_from(s, t, ofd, a[1], a[2], None)
         ofd.offset = at + n
         return n
-    n = _write_from(s, t, ofd, a[1], a[2], ofd.offset)
+    n, _ = _write_from(s, t, ofd, a[1], a[2], ofd.offset)
     ofd.offset += n
     return n
 
@@ -841,7 +1016,7 @@ def sys_pwrite64(s, t, a):
     if s64(a[3]) < 0:
         raise GuestError(E.EINVAL)
     # Linux appends even for pwrite on an O_APPEND file
-    return _write_from(s, t, ofd, a[1], a[2], None if ofd.flags & O_APPEND else a[3])
+    return _write_from(s, t, ofd, a[1], a[2], None if ofd.flags & O_APPEND else a[3])[0]
 
 
 def _iovecs(t, addr: int, count: int) -> list:
@@ -1100,6 +1275,7 @@ def sys_ftruncate(s, t, a):
         raise GuestError(E.EINVAL)
     if ofd.is_dir or ofd.flags & O_ACCMODE == 0:
         raise GuestError(E.EINVAL if ofd.is_dir else E.EINVAL)
+    s.invalidate_ahead(ofd.mount, ofd.path)
     rpc(s, ofd.mount, truncate=pb.Truncate(path=ofd.path, length=length))
     return 0
 
@@ -1112,6 +1288,7 @@ def sys_fallocate(s, t, a):
     offset, length = s64(a[2]), s64(a[3])
     if offset < 0 or length <= 0:
         raise GuestError(E.EINVAL)
+    s.invalidate_ahead(ofd.mount, ofd.path)
     rpc(s, ofd.mount, fallocate=pb.Fallocate(path=ofd.path, mode=s32(a[1]), offset=offset, length=length))
     return 0
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Files unlinked while open wait here, at the mount root, until their last close
+# (Session.silly_rename); legorun hides this name from listings of the root.
+ATTIC = ".legorun-unlinked"
+
 
 @dataclass(eq=False)
 class OpenFile:

@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 
+from .fdtable import ATTIC
 from .components import EmbeddedComponent, StartError, default_storage_root
 from .kernel.seccomp import SECCOMP_FILTER_FLAG_TSYNC, SECCOMP_SET_MODE_FILTER, SECCOMP_SYSCALL
 from .kernel.sysnums import NAMES
@@ -170,7 +171,7 @@ class Session:
 
     def invalidate_ahead(self, mount, path: str) -> None:
         """This run changes the file: read-aheads of it would be stale."""
-        for ofd in self.open_files.get((mount, path), ()):
+        for ofd in self.open_files.get((mount, path.rstrip("/")), ()):
             if ofd.ahead is not None:
                 self._client.forget(ofd.ahead[2])
                 ofd.ahead = None
@@ -196,14 +197,24 @@ class Session:
                 self.component_failed(e)
 
     def is_open(self, mount, rel: str) -> bool:
-        return (mount, rel) in self.open_files
+        return (mount, rel.rstrip("/")) in self.open_files
 
     def silly_rename(self, mount, rel: str) -> None:
         """Unlink of an open file: hide it until the last close (as NFS clients do)."""
+        rel = rel.rstrip("/")
         head, _, name = rel.rpartition("/")
-        hidden = f".legorun-{os.urandom(6).hex()}-{name}"[:255]
-        hidden = f"{head}/{hidden}" if head else hidden
-        reply = self.storage(mount).call(rename=pb.Rename(old_path=rel, new_path=hidden))
+        # Out of its directory, into the attic at the mount root: natively the name is
+        # gone at once, so the directory must list as before and rmdir must succeed.
+        hidden = f"{ATTIC}/{os.urandom(6).hex()}-{name}"[:len(ATTIC) + 256]
+        client = self.storage(mount)
+        reply = client.call(rename=pb.Rename(old_path=rel, new_path=hidden))
+        if reply.errno == E.ENOENT:  # first use on this mount: make the attic, retry
+            client.call(mkdir=pb.Mkdir(path=ATTIC, mode=0o700))
+            reply = client.call(rename=pb.Rename(old_path=rel, new_path=hidden))
+        if reply.errno == E.EXDEV:  # another file system below the root: stay beside it
+            hidden = f".legorun-{os.urandom(6).hex()}-{name}"[:255]
+            hidden = f"{head}/{hidden}" if head else hidden
+            reply = client.call(rename=pb.Rename(old_path=rel, new_path=hidden))
         if reply.errno:
             from .tracee import GuestError
             raise GuestError(reply.errno)
@@ -212,6 +223,7 @@ class Session:
             ofd.silly_name = hidden
 
     def renamed(self, mount, old: str, new: str, exchange: bool = False) -> None:
+        old, new = old.rstrip("/"), new.rstrip("/")
         if exchange:
             tmp = f"\0{old}"
             self._move(mount, old, tmp)

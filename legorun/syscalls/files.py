@@ -10,7 +10,7 @@ import os
 import stat as S
 import struct
 
-from ..fdtable import OpenFile
+from ..fdtable import ATTIC, OpenFile
 from ..kernel.sysnums import NR
 from ..paths import join_rel, local_cwd, local_fd_path, normalize
 from .. import wire
@@ -61,6 +61,19 @@ def _cwd(s, t):
 
 def resolve(s, t, dirfd: int, path: bytes, empty_ok: bool = False):
     """(Mount, rel) when (dirfd, path) names something on a mount, else None.
+
+    'name/' and 'name/.' must name a directory: rel then keeps a trailing '/'
+    (which normalization dropped), and the sComponent resolves it as the
+    kernel does (ENOTDIR, EISDIR). Keys of legorun's own tables never have it.
+    """
+    target = _resolve(s, t, dirfd, path, empty_ok)
+    if target is not None and target[1] and (path.endswith(b"/") or path.endswith(b"/.")):
+        return target[0], target[1] + "/"
+    return target
+
+
+def _resolve(s, t, dirfd: int, path: bytes, empty_ok: bool = False):
+    """resolve() without the trailing-slash rule.
 
     With empty_ok and an empty path, the dirfd itself is meant (AT_EMPTY_PATH).
     """
@@ -445,7 +458,7 @@ def _open(s, t, target, flags: int, mode: int):
             s.invalidate_ahead(mount, rel)
         attr = rpc(s, mount, open=pb.Open(path=rel, flags=wire_flags,
                                             mode=mode & 0o7777 & ~_umask(t))).attr
-    ofd = OpenFile(mount, rel, flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC | O_NOCTTY),
+    ofd = OpenFile(mount, rel.rstrip("/"), flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC | O_NOCTTY),
                    is_dir=S.S_ISDIR(attr.mode))
     ofd.ino = attr.ino
     return _placeholder(s, t, ofd, bool(flags & O_CLOEXEC))
@@ -1314,6 +1327,9 @@ def _dir_records(s, ofd, count: int, pack):
                                                       max_entries=max(8, count // 24)))
         batch = reply.entries
         for entry in batch.entries:
+            if not ofd.path and entry.name == ATTIC:  # legorun's own, not the guest's
+                ofd.dir_after = entry.name
+                continue
             rec = pack(entry.ino, ofd.dir_pos + 1, entry.type, os.fsencode(entry.name))
             if len(out) + len(rec) > count:
                 return out
@@ -1499,7 +1515,7 @@ def _enter(s, t, target):
     if not S.S_ISDIR(attr.mode):
         raise GuestError(E.ENOTDIR)
     fs = t.process.fs
-    fs.remote_cwd = (mount, rel)
+    fs.remote_cwd = (mount, rel.rstrip("/"))
     return 0
 
 

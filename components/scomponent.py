@@ -49,6 +49,7 @@ SYS_openat2 = 437
 SYS_faccessat2 = 439
 SYS_fchmodat2 = 452
 RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
 AT_SYMLINK_NOFOLLOW = 0x100
 AT_EACCESS = 0x200
@@ -108,8 +109,26 @@ def _check(result: int, what: str = "") -> int:
     return result
 
 
+class Redirected(OSError):
+    """The path leaves the root through a symlink (see Redirect in the proto)."""
+
+    def __init__(self, link_dir: str, target: str, rest: str):
+        super().__init__(errno.EXDEV, "path leaves the served root through a symlink")
+        self.link_dir, self.target, self.rest = link_dir, target, rest
+
+
+MAX_SYMLINKS = 40
+
+
 class ConfinedRoot:
-    """A directory that paths can never leave: resolution as if it were '/'."""
+    """A directory that paths can never leave.
+
+    Resolution is openat2(RESOLVE_BENEATH): a symlink whose target leaves the
+    root (absolute, or '..' past it) is never followed here; the request is
+    answered with a redirect instead, so the client can follow it in its own
+    view of the file system (where an absolute target may be another place on
+    the same mount, or a local file).
+    """
 
     def __init__(self, path: str):
         self.path = os.path.realpath(path)
@@ -118,7 +137,9 @@ class ConfinedRoot:
     def open(self, path: str, flags: int, mode: int = 0) -> int:
         """openat2(root, path, flags, mode, RESOLVE_IN_ROOT); "" is the root.
         The caller closes the returned fd."""
-        how = _OpenHow(flags, mode, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+        how = _OpenHow(flags, mode, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
+        if path.startswith("/"):
+            path = path.lstrip("/")  # relative to the root, always
         raw = os.fsencode(path or ".")
         for _ in range(16):
             fd = _libc.syscall(SYS_openat2, self.fd, raw, ctypes.byref(how), ctypes.sizeof(how))
@@ -126,9 +147,61 @@ class ConfinedRoot:
                 return fd
             err = ctypes.get_errno()
             # EAGAIN: a rename raced with a '..' lookup; the kernel asks to retry.
+            if err == errno.EXDEV:
+                self.redirect(path, follow_last=not flags & os.O_NOFOLLOW)
             if err != errno.EAGAIN:
                 raise OSError(err, os.strerror(err), path)
         raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN), path)
+
+    def redirect(self, path: str, follow_last: bool) -> None:
+        """The kernel refused `path` with EXDEV: find the symlink that leaves the
+        root and raise Redirected for it (or ELOOP / the plain error)."""
+        trailing = path.endswith("/")
+        parts = [p for p in path.split("/") if p not in ("", ".")]
+        hops = 0
+        i = 0
+        prefix: list = []
+        while i < len(parts):
+            comp = parts[i]
+            if comp == "..":
+                if not prefix:  # '..' past the root in the request itself
+                    raise Redirected("", "..", "/".join(parts[i + 1:]) + ("/" if trailing else ""))
+                prefix.pop()
+                i += 1
+                continue
+            last = i == len(parts) - 1
+            if last and not follow_last and not trailing:
+                break
+            try:
+                with self.fd_of("/".join(prefix) or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) as d:
+                    target = os.readlink(comp, dir_fd=d)
+            except OSError as e:
+                if e.errno == errno.EINVAL:  # not a symlink
+                    prefix.append(comp)
+                    i += 1
+                    continue
+                raise
+            hops += 1
+            if hops > MAX_SYMLINKS:
+                raise _oserror(errno.ELOOP, path)
+            rest = parts[i + 1:]
+            inside = [] if target.startswith("/") else list(prefix)
+            escapes = target.startswith("/")
+            for t in target.split("/"):
+                if t in ("", "."):
+                    continue
+                if t == "..":
+                    if not inside:
+                        escapes = True
+                        break
+                    inside.pop()
+                else:
+                    inside.append(t)
+            if escapes:
+                raise Redirected("/".join(prefix), target, "/".join(rest) + ("/" if trailing else ""))
+            parts = inside + rest  # a symlink that stays inside: keep walking
+            prefix, i = [], 0
+        raise _oserror(errno.EXDEV, path)
 
     @contextmanager
     def fd_of(self, path: str, flags: int, mode: int = 0) -> Iterator[int]:
@@ -504,6 +577,11 @@ class StorageServicer(pb_grpc.StorageServicer):
                         data = handlers[op](msg, reply)
                     if data is not None:
                         reply = data_reply(request.id, data)
+                except Redirected as e:
+                    reply = pb.Reply(id=request.id, errno=errno.EXDEV)
+                    reply.redirect.link_dir = e.link_dir
+                    reply.redirect.target = e.target
+                    reply.redirect.rest = e.rest
                 except OSError as e:
                     reply = pb.Reply(id=request.id, errno=e.errno or errno.EIO)
                 except (OverflowError, ValueError) as e:  # e.g. an offset beyond off_t

@@ -57,7 +57,7 @@ class Thread:
     """One traced task (tid). Registers are fetched once per stop."""
 
     __slots__ = ("tid", "process", "regs", "on_exit", "pending_signal", "in_group_stop",
-                 "attached")
+                 "attached", "path_addr")
 
     def __init__(self, tid: int, process: Process | None) -> None:
         self.tid = tid
@@ -67,6 +67,7 @@ class Thread:
         self.pending_signal = 0
         self.in_group_stop = False
         self.attached = False
+        self.path_addr = 0         # the path argument the current handler read
 
     # ---- registers
 
@@ -140,9 +141,10 @@ class Thread:
         except ValueError:
             raise GuestError(errno.ENAMETOOLONG) from None
 
-    def scratch(self, size: int) -> int:
-        """An address below the stack's red zone where legorun may write `size` bytes."""
-        return (self.regs.rsp - RED_ZONE - size) & ~0xF
+    def scratch(self, size: int, below: int = 0) -> int:
+        """An address below the stack's red zone where legorun may write `size`
+        bytes (`below` more bytes further down, to keep two areas apart)."""
+        return (self.regs.rsp - RED_ZONE - below - size) & ~0xF
 
     def poke(self, addr: int, data: bytes) -> None:
         """Write legorun's own data into the guest, ignoring page protections."""

@@ -20,6 +20,7 @@ from .kernel.sysnums import NR
 from .tracee import FsState, GuestError, Process, Thread
 from .syscalls.base import Park, Rewrite
 from .syscalls import table
+from .syscalls.files import Redirected
 
 OPTIONS = (pt.PTRACE_O_TRACESYSGOOD | pt.PTRACE_O_TRACECLONE | pt.PTRACE_O_TRACEFORK
            | pt.PTRACE_O_TRACEVFORK | pt.PTRACE_O_TRACEEXEC | pt.PTRACE_O_TRACESECCOMP
@@ -38,6 +39,13 @@ TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTI
 SIGTRAP_SYSCALL = signal.SIGTRAP | 0x80
 NR_CLONE3 = NR["clone3"]
 NR_CLONE = NR["clone"]
+
+
+MAX_SYMLINKS = 40
+
+
+def _kernel_result(tracer, t, result: int) -> int:
+    return result
 
 
 class LaunchError(Exception):
@@ -222,10 +230,13 @@ class Tracer:
         self.stats.trapped += 1
         session = self.session
         start = time.perf_counter()
+        args = (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9)
         try:
-            outcome = handler(session, t, (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9))
+            outcome = handler(session, t, args)
         except GuestError as e:
             outcome = -e.errno
+        except Redirected as r:
+            outcome = self._redirected(t, nr, handler, args, r)
         if outcome is None:
             pt.cont(t.tid)
             return
@@ -241,6 +252,30 @@ class Tracer:
         t.set_result(outcome)
         pt.cont(t.tid)
 
+    def _redirected(self, t: Thread, nr: int, handler, args: tuple, r):
+        """The path crossed a symlink off its mount: make the call again with the
+        guest path it leads to (on a mount, or local for the kernel to serve)."""
+        for _ in range(MAX_SYMLINKS):
+            try:
+                index = args.index(t.path_addr)
+            except ValueError:
+                return -errno.EXDEV
+            data = os.fsencode(r.path) + b"\0"
+            addr = t.scratch(len(data), below=4096)  # clear of other scratch writes
+            t.poke(addr, data)
+            args = args[:index] + (addr,) + args[index + 1:]
+            try:
+                outcome = handler(self.session, t, args)
+            except GuestError as e:
+                return -e.errno
+            except Redirected as again:
+                r = again
+                continue
+            if outcome is None:  # a local path now: the kernel runs it
+                return Rewrite(nr, args, _kernel_result)
+            return outcome
+        return -errno.ELOOP
+
     def _on_syscall_exit(self, t: Thread) -> None:
         pending = t.on_exit
         if pending is None:  # not ours (e.g. after an injected syscall); keep going
@@ -254,7 +289,7 @@ class Tracer:
             value = rewrite.finish(self, t, result)
         except GuestError as e:
             value = -e.errno
-        rewrite.restore(t)
+        rewrite.restore(t, value)
         t.regs.rax = value & 0xFFFFFFFFFFFFFFFF
         pt.setregs(t.tid, t.regs)
         self.session.record(t, nr, value, time.perf_counter() - start)

@@ -28,24 +28,10 @@ MOUNT = "/lego"
 
 # ---- why legorun differs today (root causes, by number of tests they explain)
 
-ABSOLUTE_SYMLINK = (
-    "an absolute symlink target (/lego/...) is followed by the sComponent inside its "
-    "root (openat2 RESOLVE_IN_ROOT), i.e. as <root>/lego/..., so it dangles")
 NO_XATTR = "extended attributes are refused with ENOTSUP on a mount (documented limit)"
 NO_FIFO = "mkfifo/mknod is refused with EPERM on a mount (documented limit)"
 
 KNOWN_DIFFERENCES = {
-    "test.test_shutil.TestCopy.test_copy2_symlinks": ABSOLUTE_SYMLINK,
-    "test.test_shutil.TestCopy.test_copy_symlinks": ABSOLUTE_SYMLINK,
-    "test.test_shutil.TestCopy.test_copyfile_symlinks": ABSOLUTE_SYMLINK,
-    "test.test_shutil.TestCopy.test_copymode_follow_symlinks": ABSOLUTE_SYMLINK,
-    "test.test_shutil.TestCopy.test_copystat_symlinks": ABSOLUTE_SYMLINK,
-    "test.test_shutil.TestCopyTree.test_copytree_dangling_symlinks": ABSOLUTE_SYMLINK,
-    "test.test_shutil.TestCopyTree.test_copytree_symlink_dir": ABSOLUTE_SYMLINK,
-    "test.test_shutil.TestMove.test_move_dir_symlink": ABSOLUTE_SYMLINK,
-    "test.test_shutil.TestMove.test_move_file_symlink": ABSOLUTE_SYMLINK,
-    "test.test_shutil.TestMove.test_move_file_symlink_to_dir": ABSOLUTE_SYMLINK,
-    "test.test_shutil.TestRmTree.test_rmtree_fails_on_symlink": ABSOLUTE_SYMLINK,
     "test.test_shutil.TestCopy.test_copy2_xattr": NO_XATTR,
     "test.test_shutil.TestCopy.test_copyxattr": NO_XATTR,
     "test.test_shutil.TestCopy.test_copyxattr_symlinks": NO_XATTR,

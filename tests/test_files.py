@@ -231,3 +231,30 @@ def test_big_and_odd_sized_io_round_trips_through_the_data_path(scomponent):
     assert r.stdout.splitlines() == [f"True {5 * 1024 * 1024 + 12345}", "b'new!'",
                                      "['one', 'two', 'three']"]
     assert os.path.getsize(f"{scomponent.root}/big") == 5 * 1024 * 1024 + 12345
+
+
+def test_symlinks_on_a_mount_are_followed_in_the_guests_view(scomponent, tmp_path):
+    local = tmp_path / "local.txt"
+    local.write_text("local file\n")
+    script = textwrap.dedent(f"""
+        import os
+        os.makedirs('/lego/real/sub')
+        open('/lego/real/sub/f', 'w').write('remote file')
+        os.symlink('/lego/real', '/lego/abs')              # absolute, to the same mount
+        os.symlink('{local}', '/lego/tolocal')             # absolute, to a local file
+        os.symlink('real/sub', '/lego/rel')                # relative, inside
+        print(open('/lego/abs/sub/f').read(), open('/lego/rel/f').read())
+        print(open('/lego/tolocal').read().strip(), os.path.getsize('/lego/tolocal'))
+        print(sorted(os.listdir('/lego/abs')), os.path.islink('/lego/abs'), os.readlink('/lego/abs'))
+        os.chdir('/lego/abs/sub')
+        print(os.getcwd(), open('f').read())
+        with open('/lego/abs/sub/new', 'w') as g:
+            g.write('through the link')
+    """)
+    r = legorun([PY, "-c", script], storage=scomponent.address)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "remote file remote file", "local file 11", "['sub'] True /lego/real",
+        "/lego/real/sub remote file"]
+    assert open(f"{scomponent.root}/real/sub/new").read() == "through the link"
+    assert local.read_text() == "local file\n"

@@ -306,41 +306,40 @@ def test_symlinks_and_dotdot_never_leave_the_root(shared, client, area, tmp_path
     os.symlink("/etc/passwd", f"{absolute}/passwd")
     os.symlink("../../../../../../..", f"{absolute}/up")
 
-    # Following an absolute link reaches ROOT + target, not the target.
-    assert client.call(read=pb.Read(path=f"{rel}/passwd", length=100)).data == b"root-inside"
-    for name in ("abs", "rel"):
-        assert client.call(read=pb.Read(path=f"{rel}/{name}", length=100)).errno == errno.ENOENT
-        assert client.call(stat=pb.Stat(path=f"{rel}/{name}", follow=True)).errno == errno.ENOENT
-    # '..' beyond the root stops at the root.
+    # A link whose target leaves the root is never followed by the server: the
+    # reply is EXDEV with a redirect, for the client to follow in its own view.
+    r = client.call(read=pb.Read(path=f"{rel}/abs", length=100))
+    assert r.errno == errno.EXDEV and r.redirect.target == str(outside) and r.redirect.rest == ""
+    assert r.redirect.link_dir == rel
+    r = client.call(stat=pb.Stat(path=f"{rel}/slash/etc/passwd", follow=True))
+    assert (r.errno, r.redirect.target, r.redirect.rest) == (errno.EXDEV, "/", "etc/passwd")
+    r = client.call(stat=pb.Stat(path=f"{rel}/up/x/", follow=True))
+    assert (r.errno, r.redirect.rest) == (errno.EXDEV, "x/")
+    # not following the final link is no escape
+    assert client.call(stat=pb.Stat(path=f"{rel}/abs", follow=False)).errno == 0
+    assert client.call(readlink=pb.Readlink(path=f"{rel}/abs")).data == str(outside).encode()
+    # '..' past the root in the request itself is refused the same way
     up_path = f"{rel}/{ups}{os.path.relpath(outside, '/')}"
-    assert client.call(read=pb.Read(path=up_path, length=100)).errno == errno.ENOENT
+    assert client.call(read=pb.Read(path=up_path, length=100)).errno == errno.EXDEV
     root_ino = os.stat(shared.root).st_ino
-    for p in (f"{rel}/slash", f"{rel}/up", f"{rel}/slash/..", "../../..", "/"):
-        assert client.call(stat=pb.Stat(path=p, follow=True)).attr.ino == root_ino, p
-    assert client.call(read=pb.Read(path=f"{rel}/slash/etc/passwd", length=100)).data == b"root-inside"
-    assert client.call(read=pb.Read(path=f"{rel}/up/etc/passwd", length=100)).data == b"root-inside"
+    assert client.call(stat=pb.Stat(path="/", follow=True)).attr.ino == root_ino
 
-    # Nothing outside is written, truncated, removed or chmod-ed ...
-    assert client.call(write=pb.Write(path=up_path, data=b"pwned")).errno == errno.ENOENT
-    assert client.call(write=pb.Write(path=f"{rel}/abs", data=b"pwned")).errno == errno.ENOENT
-    assert client.call(truncate=pb.Truncate(path=f"{rel}/rel", length=0)).errno == errno.ENOENT
-    assert client.call(unlink=pb.Unlink(path=up_path)).errno == errno.ENOENT
-    assert client.call(chmod=pb.Chmod(path=f"{rel}/rel", mode=0o777)).errno == errno.ENOENT
-    # ... and creating through the escaping links lands inside the root
-    # (once the directories of the link's target exist there).
-    inside = os.path.join(shared.root, str(outside).lstrip("/"))
-    os.makedirs(os.path.dirname(inside))
-    flags = os.O_CREAT | os.O_WRONLY
-    assert client.call(open=pb.Open(path=f"{rel}/abs", flags=flags, mode=0o600)).errno == 0
-    assert client.call(write=pb.Write(path=f"{rel}/rel", data=b"pwned")).errno == 0
-    assert client.call(write=pb.Write(path=up_path, data=b"!", append=True)).errno == 0
-    assert open(inside).read() == "pwned!"
-    assert client.call(mkdir=pb.Mkdir(path=f"{rel}/slash/made", mode=0o755)).errno == 0
-    r = client.call(rename=pb.Rename(old_path=f"{rel}/up/made", new_path=f"{rel}/{ups}moved"))
-    assert r.errno == 0
+    # Nothing outside is read, written, truncated, removed, chmod-ed or created.
+    escapes = (f"{rel}/abs", f"{rel}/rel", f"{rel}/passwd", up_path, f"{rel}/slash/made")
+    for p in escapes:
+        assert client.call(read=pb.Read(path=p, length=100)).errno == errno.EXDEV, p
+        assert client.call(write=pb.Write(path=p, data=b"pwned")).errno == errno.EXDEV, p
+        assert client.call(truncate=pb.Truncate(path=p, length=0)).errno == errno.EXDEV, p
+        assert client.call(chmod=pb.Chmod(path=p, mode=0o777)).errno == errno.EXDEV, p
+        assert client.call(open=pb.Open(path=p, flags=os.O_CREAT | os.O_WRONLY,
+                                        mode=0o600)).errno == errno.EXDEV, p
+    assert client.call(mkdir=pb.Mkdir(path=f"{rel}/slash/made", mode=0o755)).errno == errno.EXDEV
+    assert client.call(unlink=pb.Unlink(path=up_path)).errno == errno.EXDEV
+    r = client.call(rename=pb.Rename(old_path=f"{rel}/passwd", new_path=f"{rel}/up/moved"))
+    assert r.errno == errno.EXDEV
     assert outside.read_text() == "OUTSIDE" and stat.S_IMODE(outside.stat().st_mode) != 0o777
-    assert os.path.isdir(os.path.join(shared.root, "moved"))
-    assert not os.path.exists(os.path.join(os.path.dirname(shared.root), "moved"))
+    assert not os.path.exists("/made") and not os.path.exists("/moved")
+    assert open(os.path.join(shared.root, "etc", "passwd")).read() == "root-inside"
     # Readlink reports the stored target unchanged.
     assert client.call(readlink=pb.Readlink(path=f"{rel}/abs")).data == os.fsencode(str(outside))
 

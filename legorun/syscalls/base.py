@@ -16,6 +16,7 @@ from typing import Callable
 from ..kernel import ptrace as pt
 
 _ARGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+_EXECS = (59, 322)  # execve, execveat
 
 
 class Rewrite:
@@ -41,8 +42,11 @@ class Rewrite:
     def finish(self, tracer, t, result: int) -> int:
         return self.finish_fn(tracer, t, result)
 
-    def restore(self, t) -> None:
-        """The guest sees its argument registers unchanged, as after any syscall."""
+    def restore(self, t, result: int = -1) -> None:
+        """The guest sees its argument registers unchanged, as after any syscall
+        (except after a successful exec: the registers are the new program's)."""
+        if result == 0 and self.nr in _EXECS:
+            return
         for name, value in zip(_ARGS, self.saved):
             setattr(t.regs, name, value)
 

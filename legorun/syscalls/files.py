@@ -127,19 +127,41 @@ def _fd_target(s, t, fd: int):
 
 
 def path_arg(s, t, dirfd: int, addr: int, empty_ok: bool = False):
+    t.path_addr = addr  # the argument a redirect would replace
     return resolve(s, t, dirfd, t.read_cstring(addr), empty_ok)
+
+
+class Redirected(Exception):
+    """The path went through a symlink that leaves the mount's root: the call
+    is to be made again with `path` (a guest path) in place of its path."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
+
+
+def _redirect_path(mount, r) -> str:
+    base = r.target if r.target.startswith("/") else mount.guest_name(r.link_dir) + "/" + r.target
+    rest = r.rest.strip("/")
+    path = normalize(base + ("/" + rest if rest else ""))
+    return path + "/" if r.rest.endswith("/") and path != "/" else path
 
 
 # ---------------------------------------------------------------- RPC
 
 def rpc(s, mount, **op):
-    """One request to the mount's sComponent; its errno becomes the guest's."""
+    """One request to the mount's sComponent; its errno becomes the guest's.
+
+    A path that leaves the root through a symlink raises Redirected.
+    """
     try:
         reply = s.storage(mount).call(**op)
     except ComponentError as e:
         s.component_failed(e)
         raise GuestError(E.EIO) from None
     if reply.errno:
+        if reply.errno == E.EXDEV and reply.HasField("redirect"):
+            raise Redirected(_redirect_path(mount, reply.redirect))
         raise GuestError(reply.errno)
     return reply
 
@@ -1453,7 +1475,10 @@ def _rename(s, t, d1, p1, d2, p2, flags=0):
         raise GuestError(E.EBUSY)
     if s.is_open(mount, new) and not flags & 2:  # the replaced file stays readable by its fds
         s.silly_rename(mount, new)
-    rpc(s, mount, rename=pb.Rename(old_path=old, new_path=new, flags=flags))
+    try:
+        rpc(s, mount, rename=pb.Rename(old_path=old, new_path=new, flags=flags))
+    except Redirected:  # through a symlink off the mount: another file system
+        raise GuestError(E.EXDEV) from None
     s.renamed(mount, old, new, exchange=bool(flags & 2))
     return 0
 
@@ -1475,7 +1500,10 @@ def _link(s, t, d1, p1, d2, p2, flags=0):
     if pair is None:
         return None
     (mount, old), (_, new) = pair
-    rpc(s, mount, link=pb.Link(old_path=old, new_path=new))
+    try:
+        rpc(s, mount, link=pb.Link(old_path=old, new_path=new))
+    except Redirected:
+        raise GuestError(E.EXDEV) from None
     return 0
 
 

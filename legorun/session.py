@@ -35,6 +35,8 @@ class Session:
         self.open_files: dict = {}  # (mount, path) -> set of OpenFile
         self.session_id = os.urandom(8).hex()  # names this run's lock owners on servers
         self.lock_epoch = 0         # bumped on every unlock: parked lock waiters retry
+        self.snapshots: dict = {}   # (mount path, rel) -> (size, mtime_ns, local copy)
+        self._snapshot_dir = None
         self.native_cpus = None     # the guest's CPUs natively, when legorun pinned it
         self.guest_set_affinity = set()  # tids whose affinity the guest chose itself
 
@@ -92,7 +94,17 @@ class Session:
             self._failed.add(key)
             self.say(f"{err}; the guest gets EIO")
 
+    def snapshot_dir(self) -> str:
+        """Where local copies of remote files live while the guest maps or runs them."""
+        if self._snapshot_dir is None:
+            import tempfile
+            self._snapshot_dir = tempfile.mkdtemp(prefix="legorun-snapshots-")
+        return self._snapshot_dir
+
     def close(self) -> None:
+        if self._snapshot_dir is not None:
+            import shutil
+            shutil.rmtree(self._snapshot_dir, ignore_errors=True)
         if self._client is not None:
             self._client.close()
         for comp in self._embedded:

@@ -258,3 +258,40 @@ def test_symlinks_on_a_mount_are_followed_in_the_guests_view(scomponent, tmp_pat
         "/lego/real/sub remote file"]
     assert open(f"{scomponent.root}/real/sub/new").read() == "through the link"
     assert local.read_text() == "local file\n"
+
+
+MMAP_PY = """
+import mmap
+open('/lego/m.bin', 'wb').write(b'hello mmap world')
+with open('/lego/m.bin', 'rb') as f:
+    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    print(m[:10], len(m))
+with open('/lego/m.bin', 'r+b') as f:
+    try:
+        mmap.mmap(f.fileno(), 0)
+    except OSError as e:
+        print('writable shared:', e.errno)
+    p = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    p[:5] = b'HELLO'
+    print(p[:5], open('/lego/m.bin', 'rb').read(5))
+"""
+
+
+def test_programs_and_mappings_of_remote_files_come_from_local_snapshots(scomponent, tmp_path):
+    (tmp_path / "m.py").write_text(MMAP_PY)
+    script = textwrap.dedent(f"""
+        set -e
+        cp /bin/echo /lego/myecho
+        /lego/myecho exec from a mount
+        printf '#!/bin/sh\\necho script says $1\\n' > /lego/s.sh
+        chmod +x /lego/s.sh
+        /lego/s.sh hi
+        printf 'no x bit' > /lego/plain
+        /lego/plain 2>/dev/null || echo "plain: $?"
+        {PY} {tmp_path}/m.py
+    """)
+    r = legorun(["bash", "-c", script], storage=scomponent.address)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "exec from a mount", "script says hi", "plain: 126",
+        "b'hello mmap' 16", "writable shared: 19", "b'HELLO' b'hello'"]

@@ -25,6 +25,7 @@ AT_REMOVEDIR = 0x200
 AT_SYMLINK_FOLLOW = 0x400
 AT_EMPTY_PATH = 0x1000
 O_ACCMODE = 0o3
+O_RDONLY = 0
 O_WRONLY = 0o1
 O_RDWR = 0o2
 O_CREAT = 0o100
@@ -733,10 +734,80 @@ def sys_ioctl(s, t, a):
     raise GuestError(E.ENOTTY)
 
 
+MAP_SHARED = 0x01
+MAP_TYPE = 0x0F
+MAP_ANONYMOUS = 0x20
+PROT_WRITE = 0x2
+NR_MMAP = NR["mmap"]
+NR_CLOSE = NR["close"]
+
+
+def snapshot(s, mount, rel: str) -> str:
+    """A local, read-only copy of a remote file, for the kernel to map or exec.
+
+    Copies are kept per (file, size, mtime): a changed file is copied again.
+    """
+    attr = remote_stat(s, mount, rel)
+    if not S.S_ISREG(attr.mode):
+        raise GuestError(E.EACCES if S.S_ISDIR(attr.mode) else E.ENODEV)
+    key = (mount.guest_path, rel)
+    cached = s.snapshots.get(key)
+    if cached is not None and cached[:2] == (attr.size, attr.mtime_ns):
+        return cached[2]
+    ofd = OpenFile(mount, rel, O_RDONLY)
+    local = os.path.join(s.snapshot_dir(), f"{len(s.snapshots)}-{os.path.basename(rel)}"[:200])
+    with open(local, "wb") as f:
+        offset = 0
+        while True:
+            data = _pull(s, ofd, offset, 16 << 20)
+            if not data:
+                break
+            f.write(data)
+            offset += len(data)
+    os.chmod(local, attr.mode & 0o555)
+    s.snapshots[key] = (attr.size, attr.mtime_ns, local)
+    return local
+
+
+def _with_local_fd(t, local: str, then):
+    """Open `local` in the guest (at the syscall's stop), run then(tracer, t, fd)
+    and close that fd again: the guest's fd table looks untouched afterwards."""
+    data = os.fsencode(local) + b"\0"
+    addr = t.scratch(len(data), below=4096)
+
+    def finish(tracer, t, fd):
+        if fd < 0:
+            return fd
+        try:
+            return then(tracer, t, fd)
+        finally:
+            tracer.inject_syscall(t, NR_CLOSE, (fd,))
+    return Rewrite(NR_OPENAT, (AT_FDCWD, addr, O_RDONLY | O_CLOEXEC, 0), finish,
+                   pokes=((addr, data),))
+
+
 def sys_mmap(s, t, a):
-    if s32(a[4]) not in t.process.fds or a[3] & 0x20:  # MAP_ANONYMOUS ignores fd
+    """A remote file is mapped from a local snapshot: read-only or private
+    mappings see the file as of the mmap; writable shared ones are refused."""
+    flags = s32(a[3])
+    ofd = t.process.fds.get(s32(a[4]))
+    if ofd is None or flags & MAP_ANONYMOUS:
         return None
-    raise GuestError(E.ENODEV)
+    prot = a[2]
+    shared = flags & MAP_TYPE in (MAP_SHARED, 0x03)
+    if ofd.flags & O_PATH or ofd.flags & O_ACCMODE == O_WRONLY:
+        raise GuestError(E.EACCES)
+    if shared and prot & PROT_WRITE:
+        if ofd.flags & O_ACCMODE != O_RDWR:
+            raise GuestError(E.EACCES)
+        raise GuestError(E.ENODEV)
+    if ofd.is_dir:
+        raise GuestError(E.ENODEV)
+    local = snapshot(s, ofd.mount, ofd.path)
+
+    def mmap(tracer, t, fd):
+        return tracer.inject_syscall(t, NR_MMAP, (a[0], a[1], a[2], a[3], fd, a[5]))
+    return _with_local_fd(t, local, mmap)
 
 
 def sys_noop(s, t, a):

@@ -8,24 +8,38 @@ import sys
 from ..tracee import GuestError
 from ..kernel.sysnums import NR
 from .base import Rewrite, s32
-from .files import AT_EMPTY_PATH, AT_FDCWD, path_arg
+from .files import AT_EMPTY_PATH, AT_FDCWD, path_arg, snapshot
 
 
-def _exec(s, t, dirfd, addr, flags=0):
+def _exec(s, t, nr, dirfd, addr, argv, envp, flags=0):
+    """A program on a mount runs from a local snapshot of it (the kernel maps
+    what it executes); its argv is the guest's, /proc/self/exe names the copy."""
     target = path_arg(s, t, dirfd, addr, empty_ok=bool(flags & AT_EMPTY_PATH))
     if target is None:
         return None
-    # A program on a mount would need a local snapshot to be mapped by the
-    # kernel; until that exists the exec is refused, never run from a stale copy.
-    raise GuestError(E.EACCES)
+    mount, rel = target
+    local = snapshot(s, mount, rel.rstrip("/"))
+    if not os.stat(local).st_mode & 0o111:
+        raise GuestError(E.EACCES)
+    data = os.fsencode(local) + b"\0"
+    where = t.scratch(len(data), below=4096)
+    if nr == NR["execveat"]:
+        args = (AT_FDCWD, where, argv, envp, flags & ~AT_EMPTY_PATH)
+    else:
+        args = (where, argv, envp)
+    return Rewrite(nr, args, _same, pokes=((where, data),))
+
+
+def _same(tracer, t, result):
+    return result
 
 
 def sys_execve(s, t, a):
-    return _exec(s, t, AT_FDCWD, a[0])
+    return _exec(s, t, NR["execve"], AT_FDCWD, a[0], a[1], a[2])
 
 
 def sys_execveat(s, t, a):
-    return _exec(s, t, s32(a[0]), a[1], s32(a[4]))
+    return _exec(s, t, NR["execveat"], s32(a[0]), a[1], a[2], a[3], s32(a[4]))
 
 
 def sys_ptrace(s, t, a):

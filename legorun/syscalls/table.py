@@ -85,7 +85,7 @@ TABLE: list[Entry] = [
     _e("getdents64", "fd", files.sys_getdents64, note="names in byte order; '.' and '..' first"),
     _e("getdents", "fd", files.sys_getdents),
     _e("ioctl", "fd", files.sys_ioctl, serves=LEGORUN, note="ENOTTY, as for a regular file"),
-    _e("mmap", "mmap", files.sys_mmap, serves=LEGORUN, note="file mappings of remote files refused with ENODEV for now"),
+    _e("mmap", "mmap", files.sys_mmap, serves=LEGORUN, note="a remote file is mapped from a local snapshot taken at the mmap (read-only or MAP_PRIVATE); writable MAP_SHARED refused with ENODEV"),
     # --- metadata by path
     _e("stat", "path", files.sys_stat),
     _e("lstat", "path", files.sys_lstat),
@@ -145,8 +145,8 @@ TABLE: list[Entry] = [
     _e("file_getattr", "path", files.refuse_path(E.ENOTSUP, dirfd=True), serves=LEGORUN, note="refused on a mount"),
     _e("file_setattr", "path", files.refuse_path(E.ENOTSUP, dirfd=True), serves=LEGORUN, note="refused on a mount"),
     # --- processes
-    _e("execve", "path", process.sys_execve, note="a program on a mount is refused with EACCES for now"),
-    _e("execveat", "path", process.sys_execveat, note="a program on a mount is refused with EACCES for now"),
+    _e("execve", "path", process.sys_execve, note="a program on a mount runs from a local snapshot (argv unchanged; /proc/self/exe and a script's $0 name the copy)"),
+    _e("execveat", "path", process.sys_execveat, note="as execve"),
     _e("ptrace", "always", process.sys_ptrace, serves=LEGORUN, note="refused with EPERM: the guest is already traced by legorun"),
     _e("sched_getaffinity", "always", process.sys_sched_getaffinity, serves=LEGORUN,
        note="with --cpus one, reports the CPUs the guest would have natively"),

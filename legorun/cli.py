@@ -33,6 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--summary", action="store_true",
                    help="print a summary of forwarded syscalls and RPCs at exit (like strace -c)")
     p.add_argument("--stats-json", metavar="FILE", help="write the run's statistics as JSON")
+    p.add_argument("--trace", action="store_true",
+                   help="print each forwarded syscall as strace does, with who served it and "
+                        "how long it took (to stderr, or -o FILE)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the --trace lines to FILE")
+    p.add_argument("-e", metavar="EXPR", dest="trace_expr",
+                   help="which calls to trace, as strace's -e trace=: names and %%file, %%desc, "
+                        "%%memory, %%process, plus excache for memory events (implies --trace)")
+    p.add_argument("--trace-json", metavar="FILE",
+                   help="write the traced events as JSON lines (one object per event)")
     p.add_argument("-V", "--version", action="version", version=f"legorun {__version__}")
     p.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
@@ -63,6 +72,11 @@ def run_guest(args, command: list) -> int:
     except ValueError as e:
         print(f"legorun: {e}", file=sys.stderr)
         return 2
+    try:
+        session.trace = open_trace(args)
+    except (OSError, ValueError) as e:
+        print(f"legorun: {e}", file=sys.stderr)
+        return 2
     if args.cpus == "one":
         session.pin()
     tracer = Tracer(session)
@@ -85,7 +99,21 @@ def run_guest(args, command: list) -> int:
     return os.WEXITSTATUS(status)
 
 
+def open_trace(args):
+    """The TraceWriter the options ask for, or None (tracing off costs one test per call)."""
+    if not (args.trace or args.output or args.trace_expr or args.trace_json):
+        return None
+    from .trace import TraceWriter
+    out = None
+    if args.trace or args.output or args.trace_expr:
+        out = open(args.output, "w", buffering=1) if args.output else sys.stderr
+    json_out = open(args.trace_json, "w", buffering=1) if args.trace_json else None
+    return TraceWriter(out, json_out, args.trace_expr)
+
+
 def report(session, args) -> None:
+    if session.trace is not None:
+        session.trace.close()
     stats = session.stats.as_dict()
     stats["rpcs"] = session.rpc_stats()
     if args.stats_json:

@@ -29,6 +29,7 @@ class Session:
         self.token = token
         self.tls_ca = tls_ca
         self.stats = RunStats()
+        self.trace = None           # legorun.trace.TraceWriter with --trace
         self._client = None
         self._embedded = []
         self._failed = set()
@@ -125,8 +126,12 @@ class Session:
         os.kill(os.getpid(), sig)  # returns once the shell sends SIGCONT (fg, bg)
         signal.signal(sig, previous)
 
-    def record(self, t, nr: int, result: int, seconds: float) -> None:
-        self.stats.record(NAMES.get(nr, str(nr)), result, seconds)
+    def record(self, t, nr: int, result: int, seconds: float, args: tuple = ()) -> None:
+        name = NAMES.get(nr, str(nr))
+        self.stats.record(name, result, seconds)
+        if self.trace is not None:
+            entry = table.BY_NAME.get(name)
+            self.trace.syscall(t, name, args, result, entry.serves if entry else "legorun", seconds)
 
     # ---- the remote fd table
 

@@ -183,7 +183,9 @@ class Tracer:
             if result is None:
                 continue
             del self.parked[tid]
-            self.session.record(t, nr, result, time.perf_counter() - start)
+            r = t.regs
+            self.session.record(t, nr, result, time.perf_counter() - start,
+                                (r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9))
             try:
                 t.set_result(result)
                 pt.cont(t.tid)
@@ -248,7 +250,7 @@ class Tracer:
         if isinstance(outcome, Park):
             self.parked[t.tid] = (t, outcome, nr, start)
             return
-        session.record(t, nr, outcome, time.perf_counter() - start)
+        session.record(t, nr, outcome, time.perf_counter() - start, args)
         t.set_result(outcome)
         pt.cont(t.tid)
 
@@ -292,7 +294,9 @@ class Tracer:
         rewrite.restore(t, value)
         t.regs.rax = value & 0xFFFFFFFFFFFFFFFF
         pt.setregs(t.tid, t.regs)
-        self.session.record(t, nr, value, time.perf_counter() - start)
+        r = t.regs
+        self.session.record(t, nr, value, time.perf_counter() - start,
+                            (r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9))
         pt.cont(t.tid)
 
     def inject_syscall(self, t: Thread, nr: int, args: tuple) -> int:

@@ -6,7 +6,8 @@ never committed.
 """
 import pathlib
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 HERE = pathlib.Path(__file__).parent.resolve()
@@ -38,4 +39,25 @@ class BuildPyWithProtos(build_py):
         super().run()
 
 
-setup(cmdclass={"build_py": BuildPyWithProtos})
+class OptionalBuildExt(build_ext):
+    """The C fast path is an accelerator: without a compiler legorun still
+    works (in pure Python, more slowly), so a failed build is not fatal."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as e:  # noqa: BLE001 - any compiler trouble
+            print(f"warning: legorun's C fast path was not built ({e}); using pure Python")
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as e:  # noqa: BLE001
+            print(f"warning: {ext.name} was not built ({e}); using pure Python")
+
+
+setup(
+    cmdclass={"build_py": BuildPyWithProtos, "build_ext": OptionalBuildExt},
+    ext_modules=[Extension("legorun._ext.fastloop", ["legorun/_ext/fastloop.c"],
+                           extra_compile_args=["-O2"])],
+)

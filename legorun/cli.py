@@ -10,7 +10,10 @@ import sys
 
 from . import __version__
 
-USAGE = "legorun [OPTIONS] -- PROGRAM [ARGS...]\n       legorun bench [-n N] [--json] [OPTIONS] -- PROGRAM [ARGS...]"
+USAGE = ("legorun [OPTIONS] -- PROGRAM [ARGS...]\n"
+         "       legorun bench [-n N] [--json] [OPTIONS] -- PROGRAM [ARGS...]\n"
+         "       legorun status ADDR [--token T] [--json]\n"
+         "       legorun report FILE.json [-o report.html|report.png]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +55,12 @@ def main(argv: list | None = None) -> int:
     if argv and argv[0] == "bench":
         from . import bench
         return bench.main(argv[1:])
+    if argv and argv[0] == "status":
+        from . import status
+        return status.main(argv[1:])
+    if argv and argv[0] == "report":
+        from . import report as report_cmd
+        return report_cmd.main(argv[1:])
     args = build_parser().parse_args(argv)
     command = args.command
     if command and command[0] == "--":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 from dataclasses import dataclass
 
 
@@ -20,6 +21,9 @@ class Mount:
 
     def guest_name(self, rel: str) -> str:
         return self.guest_path if not rel else f"{self.guest_path}/{rel}"
+
+
+_DOT_COMPONENT = re.compile(rb"/\.\.?(?:/|$)")
 
 
 def normalize(path: str) -> str:
@@ -45,7 +49,7 @@ class MountTable:
     def surely_local(self, path: bytes) -> bool:
         """A fast, exact-when-True test for an absolute path: already normal
         (no '//', no '.' or '..' component) and on no mount."""
-        if b"//" in path or b"/." in path:
+        if b"//" in path or (b"/." in path and _DOT_COMPONENT.search(path)):
             return False
         for prefix in self._prefixes:
             if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == 47):

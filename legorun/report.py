@@ -199,7 +199,7 @@ def syscalls_section(stats: dict) -> Section:
         a_count, a_time = axes
         if not rows:
             _empty(a_count, "no forwarded syscalls")
-            _empty(a_time, "")
+            a_time.set_visible(False)
             return
         names = [r[0] for r in rows][::-1]
         y = range(len(names))
@@ -213,8 +213,8 @@ def syscalls_section(stats: dict) -> Section:
         a_count.set_xlabel("calls")
         a_count.set_title("by count")
         a_count.legend(loc="lower right", fontsize="small")
-        for yi, c in zip(y, counts):
-            a_count.annotate(f"{c}", (c, yi), xytext=(3, 0), textcoords="offset points",
+        for yi, c, e in zip(y, counts, errors):
+            a_count.annotate(f"{c} ({e} failed)" if e else f"{c}", (c, yi), xytext=(3, 0), textcoords="offset points",
                              va="center", fontsize="x-small")
         a_time.barh(y, times, color=ORANGE)
         a_time.set_yticks(list(y), names)
@@ -224,7 +224,7 @@ def syscalls_section(stats: dict) -> Section:
             a_time.annotate(fmt_seconds(t / 1e3 / c) if c else "", (t, yi), xytext=(3, 0),
                             textcoords="offset points", va="center", fontsize="x-small")
         for ax in axes:
-            ax.margins(x=0.18)
+            ax.margins(x=0.22)
             ax.grid(axis="x", alpha=0.3)
 
     total_c = sum(r[1] for r in rows)
@@ -254,11 +254,11 @@ def rpcs_section(stats: dict) -> Section:
         a_count, a_bytes = axes
         if not rows:
             _empty(a_count, "no RPCs")
-            _empty(a_bytes, "")
+            a_bytes.set_visible(False)
             return
         shown = rows[::-1]
         y = list(range(len(shown)))
-        names = [f"{r[0]} {r[1]}".strip() for r in shown]
+        names = [f"{r[0]} {r[1]}".strip() if len(comps) > 1 else r[1] for r in shown]
         a_count.barh(y, [r[2] for r in shown], color=[colour.get(r[0], GREY) for r in shown])
         for yi, r in zip(y, shown):
             a_count.annotate(f"{r[2]}  ({fmt_seconds(r[4] / r[2])}/call)" if r[2] else "",
@@ -284,7 +284,8 @@ def rpcs_section(stats: dict) -> Section:
              [[c, o, n, e or "", fmt_seconds(s / n) if n else "", fmt_bytes(bs), fmt_bytes(br)]
               for c, o, n, e, s, bs, br in rows])
     total = sum(r[2] for r in rows)
-    return Section(f"RPCs by component and op ({total} RPCs)", draw, ncols=2,
+    what = f"by {comps[0]} op" if len(comps) == 1 else "by component and op"
+    return Section(f"RPCs {what} ({total} RPCs)", draw, ncols=2,
                    height=_bar_height(len(rows)), table=table)
 
 
@@ -398,6 +399,10 @@ def excache_section(stats: dict) -> Section | None:
                    table=(["counter", "value"], [[k, f"{v:g}"] for k, v in items]))
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def stats_summary(stats: dict) -> list:
     """(label, text) rows: every top-level number, then totals."""
     rows = [(k.replace("_", " "), f"{v:g}" if isinstance(v, float) else str(v))
@@ -406,7 +411,7 @@ def stats_summary(stats: dict) -> list:
     if sc:
         rows.append(("forwarded syscalls",
                      f"{sum(int(_num(v.get('count'))) for v in sc)} "
-                     f"({sum(int(_num(v.get('errors'))) for v in sc)} errors), "
+                     f"({_plural(sum(int(_num(v.get('errors'))) for v in sc), 'error')}), "
                      f"{fmt_seconds(sum(_num(v.get('time_s')) for v in sc))}"))
     for comp, ops in (stats.get("rpcs") or {}).items():
         if isinstance(ops, dict):
@@ -472,7 +477,7 @@ def bench_sections(entries: list) -> list:
             for xi, r in zip(x, rows):
                 label = fmt_seconds(r[1])
                 if r[4] is not None and r[0] != "native":
-                    label += f"\n×{r[4]:.2f}"
+                    label += f"\n{r[4]:.2f}×"
                 ax.annotate(label, (xi, r[3]), xytext=(0, 4), textcoords="offset points",
                             ha="center", va="bottom", fontsize="small")
             ax.set_ylim(0, max(r[3] for r in rows) * 1.3 or 1)
@@ -491,10 +496,10 @@ def bench_sections(entries: list) -> list:
     for title, doc in entries:
         for mode, med, lo, hi, s in _bench_rows(doc):
             table_rows.append([title, mode, fmt_seconds(med), fmt_seconds(lo), fmt_seconds(hi),
-                               f"×{s:.2f}" if s is not None else "",
+                               f"{s:.2f}×" if s is not None else "",
                                "" if doc.get("ok", True) else "output differed"])
     sections = [Section("Wall time: native vs legorun", draw, ncols=ncols, nrows=nrows,
-                        height=3.8 * nrows, width=max(5.0, 3.2 * ncols),
+                        height=3.8 * nrows, width=max(6.5, 3.2 * ncols),
                         table=(["benchmark", "mode", "median", "min", "max", "slowdown", "check"],
                                table_rows))]
     if n > 1:
@@ -517,10 +522,12 @@ def bench_sections(entries: list) -> list:
                 multi = len(modes) > 1
                 ax.set_yticks(y, [f"{p[0]} ({p[1]})" if multi else p[0] for p in shown])
                 ax.axvline(1.0, color="black", linewidth=1)
+                ax.annotate("native", (1.0, 1.0), xycoords=("data", "axes fraction"),
+                            xytext=(3, -3), textcoords="offset points", va="top", fontsize="x-small")
                 if max(p[4] for p in pairs) / max(min(p[3] for p in pairs), 1e-9) > 30:
                     ax.set_xscale("log")
                 for yi, p in zip(y, shown):
-                    ax.annotate(f"×{p[2]:.2f}", (p[4], yi), xytext=(4, 0),
+                    ax.annotate(f"{p[2]:.2f}×", (p[4], yi), xytext=(4, 0),
                                 textcoords="offset points", va="center", fontsize="x-small")
                 ax.set_xlabel("slowdown against native (median, min-max)")
                 ax.margins(x=0.15)
@@ -565,16 +572,18 @@ def section_png(section: Section, dpi: int = 100) -> bytes:
     return buf.getvalue()
 
 
-def write_image(sections: list, path: str, title: str, fmt: str) -> None:
+def write_image(sections: list, path: str, title: str, fmt: str, summary: list = ()) -> None:
     width = max(s.width for s in sections)
     heights = [s.height + 0.4 for s in sections]
-    fig = _figure(width, sum(heights) + 0.5)
+    line = "; ".join(f"{k} {v}" for k, v in summary)
+    lines = textwrap.wrap(line, int(width * 11)) if line else []
+    fig = _figure(width, sum(heights) + 0.5 + 0.2 * len(lines))
     subfigs = fig.subfigures(len(sections), 1, height_ratios=heights, squeeze=False).flatten()
     for sub, section in zip(subfigs, sections):
         axes = sub.subplots(section.nrows, section.ncols, squeeze=False).flatten().tolist()
         section.draw(axes)
         sub.suptitle(section.title, fontweight="bold")
-    fig.suptitle(title, fontsize="x-large")
+    fig.suptitle("\n".join([title] + lines), fontsize="large")
     fig.savefig(path, format=fmt, dpi=100)
 
 
@@ -595,7 +604,9 @@ def _html_table(header: list, rows: list) -> str:
         text = html.escape(str(v))
         num = isinstance(v, (int, float)) or (isinstance(v, str) and v[:1].isdigit())
         return f"<{tag}{' class=n' if num and tag == 'td' else ''}>{text}</{tag}>"
-    out = ["<table>", "<tr>" + "".join(cell(h, "th") for h in header) + "</tr>"]
+    out = ["<table>"]
+    if any(header):
+        out.append("<tr>" + "".join(cell(h, "th") for h in header) + "</tr>")
     out += ["<tr>" + "".join(cell(v) for v in r) + "</tr>" for r in rows]
     out.append("</table>")
     return "\n".join(out)
@@ -657,7 +668,7 @@ def report(src: str, out: str | None = None, title: str | None = None) -> str:
         if fmt == "html":
             write_html(sections, out, title, summary, src)
         else:
-            write_image(sections, out, title, fmt)
+            write_image(sections, out, title, fmt, summary)
     except OSError as e:
         raise ReportError(f"cannot write {out}: {e.strerror}") from None
     return out

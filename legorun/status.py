@@ -98,14 +98,26 @@ def _storage_rows(st: dict) -> list:
             ("locks held", str(st.get("locks", 0)))]
 
 
+def _memory_rows(st: dict) -> list:
+    cap = st.get("capacity", 0)
+    held = st.get("bytes", 0)
+    share = f", {100 * held / cap:.1f}% of capacity" if cap else ""
+    return [("capacity", f"{fmt_bytes(cap)} ({cap})" if cap else "unlimited"),
+            ("held", f"{st.get('pages', 0)} pages, {fmt_bytes(held)}{share}"),
+            ("spaces", str(st.get("spaces", 0))),
+            ("clients", f"{st.get('clients', 0)} ({st.get('open_streams', 0)} open streams)")]
+
+
 # kind -> rows(status dict) -> [(label, text)]; fields it names are not
 # repeated by the generic rendering. Kinds without an entry (and fields
 # not covered) are shown generically.
 DETAILS: dict[str, Callable[[dict], list]] = {
     "sComponent": _storage_rows,
+    "mComponent": _memory_rows,
 }
 DETAIL_FIELDS = {
     "sComponent": {"root", "files", "bytes", "open_clients", "locks"},
+    "mComponent": {"capacity", "bytes", "pages", "spaces", "clients", "open_streams"},
 }
 # Shown by the common part of the block, for every kind.
 COMMON_FIELDS = {"uptime_s", "requests", "requests_by_op"}
@@ -127,8 +139,10 @@ def _generic_rows(st: dict, skip: set) -> tuple[list, list]:
                 for v in value:
                     header += [k for k in v if k not in header]
                 tables.append((label, header, [[_text(v.get(h, "")) for h in header] for v in value]))
+            elif value:
+                rows.append((label, ", ".join(_text(v) for v in value)))
             else:
-                rows.append((label, ", ".join(_text(v) for v in value) or "-"))
+                tables.append((label, [], []))
         else:
             if key.endswith("bytes") and isinstance(value, (int, float)):
                 rows.append((label, f"{fmt_bytes(value)} ({value})"))
@@ -187,7 +201,7 @@ def render(result: dict) -> str:
             out += _table(["op", "requests"], [[k, str(v)] for k, v in ops], "    ")
         for title, header, trows in tables:
             out.append(f"  {title}:")
-            out += _table(header, trows, "    ") if trows else ["    (none)"]
+            out += _table(header, trows, "    ") if trows else ["    none"]
     return "\n".join(out)
 
 

@@ -48,6 +48,20 @@ def _kernel_result(tracer, t, result: int) -> int:
     return result
 
 
+def _fast_path(session):
+    """The C fast path (legorun/_ext/fastloop.c), configured for this run's
+    mounts; None if it was not built or LEGORUN_NO_FASTPATH is set."""
+    if os.environ.get("LEGORUN_NO_FASTPATH"):
+        return None
+    try:
+        from ._ext import fastloop
+    except ImportError:
+        return None
+    fastloop.configure([os.fsencode(m.guest_path) for m in session.mounts.mounts],
+                       table.fast_path_table())
+    return fastloop
+
+
 class LaunchError(Exception):
     """The guest could not be started (one line for the user)."""
 
@@ -118,17 +132,23 @@ class Tracer:
 
     def run(self) -> int:
         """Follow tracees until the last one is gone; returns the main guest's wait status."""
-        waitpid = os.waitpid
+        fast = _fast_path(self.session)
+        wait = fast.wait if fast is not None else lambda: os.waitpid(-1, pt.WALL)
         threads = self.threads
-        while threads:
-            if self.parked:
-                self._run_with_parked()
-                continue
-            try:
-                tid, status = waitpid(-1, pt.WALL)
-            except ChildProcessError:
-                break
-            self._on_wait(tid, status)
+        try:
+            while threads:
+                if self.parked:
+                    self._run_with_parked()
+                    continue
+                try:
+                    tid, status = wait()
+                except ChildProcessError:
+                    break
+                self._on_wait(tid, status)
+        finally:
+            if fast is not None:  # stops the C fast path answered on its own
+                self.stats.ptrace_stops += fast.handled()
+                self.stats.trapped += fast.handled()
         self._read_exec_error()
         return self.main_status if self.main_status is not None else 0
 

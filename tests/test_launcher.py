@@ -8,6 +8,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from conftest import compile_c, legorun, start_scomponent
 
 PY = sys.executable
@@ -70,12 +72,16 @@ int main(int argc, char **argv) {
 """
 
 
-def test_stops_are_one_per_path_syscall_and_none_for_local_fds(scomponent, tmp_path):
+@pytest.mark.parametrize("fast_path", [True, False], ids=["c-fast-path", "pure-python"])
+def test_stops_are_one_per_path_syscall_and_none_for_local_fds(scomponent, tmp_path, fast_path):
     exe = compile_c(tmp_path, "stops", STOPS_C)
+    env = dict(os.environ)
+    if not fast_path:
+        env["LEGORUN_NO_FASTPATH"] = "1"
 
     def stops(paths, reads):
         r = legorun([exe, str(paths), str(reads), "/lego/counted"], storage=scomponent.address,
-                    stats_file=tmp_path / f"s{paths}-{reads}.json")
+                    stats_file=tmp_path / f"s{paths}-{reads}.json", env=env)
         assert r.returncode == 0, r.stderr
         return r.stats["ptrace_stops"], r.stats["syscalls"]
 
@@ -87,6 +93,24 @@ def test_stops_are_one_per_path_syscall_and_none_for_local_fds(scomponent, tmp_p
     assert more_reads - base == 100
     assert calls["pwrite64"]["count"] == 100
     assert os.path.getsize(f"{scomponent.root}/counted") == 8
+
+
+def test_dotted_and_doubled_paths_into_a_mount_are_never_taken_for_local(scomponent, tmp_path):
+    """The C fast path answers only normal absolute paths off every mount."""
+    (tmp_path / ".hidden").mkdir()
+    script = textwrap.dedent(f"""
+        import os
+        open('/lego/f', 'w').close()
+        os.mkdir('/lego/sub')
+        for p in ('/lego/./f', '/lego/sub/../f', '/tmp/../lego/f', '//lego/f', '/lego/sub/..',
+                  '{tmp_path}/.hidden', '{tmp_path}/.hidden/..'):
+            os.stat(p)
+        print('ok')
+    """)
+    r = legorun([PY, "-c", script], storage=scomponent.address, stats_file=tmp_path / "s.json")
+    assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
+    # the five paths on the mount, and the fstat Python makes after opening /lego/f
+    assert r.stats["syscalls"]["newfstatat"]["count"] == 6
 
 
 def test_unreachable_component_is_one_line_and_status_2(tmp_path):

@@ -156,6 +156,25 @@ TABLE: list[Entry] = [
 ]
 
 BY_NAME = {e.name: e for e in TABLE}
+
+# Path calls whose handler does nothing at all for a local path: legorun's C
+# fast path may answer them (PTRACE_CONT) without Python. name -> path argument.
+FAST_PATH_ARG = {
+    "open": 0, "creat": 0, "openat": 1, "openat2": 1, "stat": 0, "lstat": 0, "newfstatat": 1,
+    "statx": 1, "access": 0, "faccessat": 1, "faccessat2": 1, "readlink": 0, "readlinkat": 1,
+    "statfs": 0, "mkdir": 0, "mkdirat": 1, "rmdir": 0, "unlink": 0, "unlinkat": 1, "chmod": 0,
+    "fchmodat": 1, "fchmodat2": 1, "chown": 0, "lchown": 0, "fchownat": 1, "truncate": 0,
+    "utime": 0, "utimes": 0, "futimesat": 1, "utimensat": 1, "execve": 0, "execveat": 1,
+}
+
+
+def fast_path_table() -> bytearray:
+    """For each syscall number: 1 + the index of its path argument, or 0."""
+    out = bytearray(512)
+    for name, index in FAST_PATH_ARG.items():
+        assert BY_NAME[name].trap in ("path", "fstatat"), name
+        out[NR[name]] = index + 1
+    return out
 HANDLERS = {NR[e.name]: e.handler for e in TABLE if e.handler is not None}
 
 AT_FDCWD = 0xFFFFFF9C

@@ -24,6 +24,21 @@ class Mount:
 
 
 _DOT_COMPONENT = re.compile(rb"/\.\.?(?:/|$)")
+# Paths the C fast path and surely_local() leave to the full resolution.
+MAGIC_PREFIXES = (b"/proc/", b"/dev/")
+# /proc/self/fd/N, /proc/thread-self/fd/N, /proc/PID/fd/N, /dev/fd/N, /dev/stdin...
+FD_LINK = re.compile(r"^/(?:proc/(self|thread-self|\d+)(?:/task/\d+)?|dev)/fd/(\d+)$")
+STD_LINK = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
+
+
+def fd_link(path: str):
+    """(pid part or None, fd) when path is a magic link to an fd, else None."""
+    if path in STD_LINK:
+        return None, STD_LINK[path]
+    m = FD_LINK.match(path)
+    if m is None:
+        return None
+    return m.group(1), int(m.group(2))
 
 
 def normalize(path: str) -> str:
@@ -48,8 +63,11 @@ class MountTable:
 
     def surely_local(self, path: bytes) -> bool:
         """A fast, exact-when-True test for an absolute path: already normal
-        (no '//', no '.' or '..' component) and on no mount."""
+        (no '//', no '.' or '..' component), on no mount, and not one of the
+        kernel's magic links to an fd (/proc/PID/fd/N, /dev/fd/N, /dev/stdin)."""
         if b"//" in path or (b"/." in path and _DOT_COMPONENT.search(path)):
+            return False
+        if path.startswith(MAGIC_PREFIXES):
             return False
         for prefix in self._prefixes:
             if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == 47):

@@ -30,6 +30,7 @@ class Session:
         self.tls_ca = tls_ca
         self.stats = RunStats()
         self.trace = None           # legorun.trace.TraceWriter with --trace
+        self.tracer = None          # set by the Tracer that runs this session
         self._client = None
         self._embedded = []
         self._failed = set()
@@ -155,6 +156,12 @@ class Session:
         if result != 0:
             raise RuntimeError(f"cannot stack the seccomp filter for fd {fd}: result {result}")
         t.process.covered_fds.add(fd)
+
+    def process_of(self, pid: int):
+        """The traced process with this pid (or a thread id of it), if any."""
+        tracer = self.tracer
+        t = tracer.threads.get(pid) if tracer is not None else None
+        return t.process if t is not None else None
 
     # ---- advisory locks
 

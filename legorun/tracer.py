@@ -57,8 +57,10 @@ def _fast_path(session):
         from ._ext import fastloop
     except ImportError:
         return None
-    fastloop.configure([os.fsencode(m.guest_path) for m in session.mounts.mounts],
-                       table.fast_path_table())
+    from .paths import MAGIC_PREFIXES
+    prefixes = [os.fsencode(m.guest_path) for m in session.mounts.mounts]
+    prefixes += [p.rstrip(b"/") for p in MAGIC_PREFIXES]  # fd magic links need Python
+    fastloop.configure(prefixes, table.fast_path_table())
     return fastloop
 
 
@@ -69,6 +71,7 @@ class LaunchError(Exception):
 class Tracer:
     def __init__(self, session) -> None:
         self.session = session
+        session.tracer = self
         self.threads: dict[int, Thread] = {}
         self.main_pid = 0
         self.main_status: int | None = None

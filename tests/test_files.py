@@ -295,3 +295,27 @@ def test_programs_and_mappings_of_remote_files_come_from_local_snapshots(scompon
     assert r.stdout.splitlines() == [
         "exec from a mount", "script says hi", "plain: 126",
         "b'hello mmap' 16", "writable shared: 19", "b'HELLO' b'hello'"]
+
+
+def test_remote_fds_reopen_through_magic_links_but_never_leave_the_process(scomponent):
+    script = textwrap.dedent("""
+        import array, os, socket
+        fd = os.open('/lego/f', os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        os.write(fd, b'remote bytes')
+        print(os.readlink(f'/proc/self/fd/{fd}'), open(f'/dev/fd/{fd}').read())
+        a, b = socket.socketpair()
+        try:
+            a.sendmsg([b'x'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', [fd]))])
+            print('sent')
+        except OSError as e:
+            print('sendmsg:', e.errno)
+        r, w = os.pipe()   # a local fd passes as usual
+        a.sendmsg([b'y'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', [r]))])
+        msg, anc, _, _ = b.recvmsg(1, socket.CMSG_SPACE(4))
+        print('local fd passed:', msg, len(anc))
+    """)
+    r = legorun([PY, "-c", script], storage=scomponent.address)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["/lego/f remote bytes", "sendmsg: 95",
+                                     "local fd passed: b'y' 1"]
+    assert "passing a remote fd" in r.stderr

@@ -12,7 +12,7 @@ import struct
 
 from ..fdtable import ATTIC, OpenFile
 from ..kernel.sysnums import NR
-from ..paths import join_rel, local_cwd, local_fd_path, normalize
+from ..paths import fd_link, join_rel, local_cwd, local_fd_path, normalize
 from .. import wire
 from ..proto import storage as pb
 from ..errors import ComponentError
@@ -86,7 +86,10 @@ def _resolve(s, t, dirfd: int, path: bytes, empty_ok: bool = False):
     if path[0] == 47:  # '/'
         if mounts.surely_local(path):
             return None
-        return mounts.match(normalize(os.fsdecode(path)))
+        text = normalize(os.fsdecode(path))
+        if text.startswith(("/proc/", "/dev/")):
+            return _magic_link(s, t, text)
+        return mounts.match(text)
     if dirfd == AT_FDCWD:
         fs = t.process.fs
         if fs.remote_cwd is not None:
@@ -111,6 +114,25 @@ def _resolve(s, t, dirfd: int, path: bytes, empty_ok: bool = False):
     if b".." not in path and mounts.far_from(base):
         return None
     return mounts.match(normalize(base + "/" + text))
+
+
+def _magic_link(s, t, text: str):
+    """/proc/self/fd/N (and friends) of a remote fd reopen the remote file, as
+    the kernel's magic link would; another process's remote fd cannot be
+    reached that way (EOPNOTSUPP): remote fds do not leave their process."""
+    link = fd_link(text)
+    if link is None:
+        return None
+    who, fd = link
+    proc = t.process
+    if who not in (None, "self", "thread-self") and int(who) != proc.pid and \
+            not any(th.tid == int(who) for th in proc.threads):
+        other = s.process_of(int(who))
+        if other is not None and fd in other.fds:
+            raise GuestError(E.EOPNOTSUPP)
+        return None
+    ofd = proc.fds.get(fd)
+    return None if ofd is None else (ofd.mount, ofd.path)
 
 
 def _relative(s, mount, base: str, text: str):
@@ -297,8 +319,12 @@ def _readlink(s, t, target, buf: int, size: int) -> int:
     if size <= 0:
         raise GuestError(E.EINVAL)
     mount, rel = target
-    data = rpc(s, mount, readlink=pb.Readlink(path=rel)).data[:size]
-    return t.write_bytes(buf, data)
+    raw = t.read_cstring(t.path_addr)
+    if raw.startswith((b"/proc/", b"/dev/")) and fd_link(normalize(os.fsdecode(raw))):
+        data = os.fsencode(mount.guest_name(rel))  # the magic link names the file
+    else:
+        data = rpc(s, mount, readlink=pb.Readlink(path=rel)).data
+    return t.write_bytes(buf, data[:size])
 
 
 def sys_readlink(s, t, a):

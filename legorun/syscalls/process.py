@@ -70,3 +70,62 @@ def sys_sched_setaffinity(s, t, a):
     """A guest's own choice of CPUs is kept, and reported back to it as is."""
     s.guest_set_affinity.add(_affinity_target(t, s32(a[0])))
     return None
+
+
+SOL_SOCKET = 1
+SCM_RIGHTS = 1
+MSGHDR = 56
+MMSGHDR = 64
+
+
+def _passes_remote_fd(s, t, msghdr: int) -> bool:
+    """Does this struct msghdr carry SCM_RIGHTS naming a remote fd?"""
+    import struct
+    control, controllen = struct.unpack_from("<QQ", t.read_bytes(msghdr + 32, 16))
+    if not control or controllen < 16:
+        return False
+    data = t.read_bytes(control, min(controllen, 1 << 16))
+    pos = 0
+    while pos + 16 <= len(data):
+        length, level, kind = struct.unpack_from("<Qii", data, pos)
+        if length < 16:
+            break
+        if level == SOL_SOCKET and kind == SCM_RIGHTS:
+            count = (min(length, len(data) - pos) - 16) // 4
+            fds = struct.unpack_from(f"<{count}i", data, pos + 16)
+            if any(fd in t.process.fds for fd in fds):
+                return True
+        pos += (length + 7) & ~7
+    return False
+
+
+def sys_sendmsg(s, t, a):
+    """Remote fds do not leave their process: SCM_RIGHTS of one is refused."""
+    if not t.process.fds or not _passes_remote_fd(s, t, a[1]):
+        return None
+    s.say(f"pid {t.tid}: passing a remote fd over a socket is not supported (EOPNOTSUPP)")
+    return -E.EOPNOTSUPP
+
+
+def sys_sendmmsg(s, t, a):
+    if not t.process.fds:
+        return None
+    for i in range(min(a[2] & 0xFFFFFFFF, 1024)):
+        if _passes_remote_fd(s, t, a[1] + i * MMSGHDR):
+            s.say(f"pid {t.tid}: passing a remote fd over a socket is not supported (EOPNOTSUPP)")
+            return -E.EOPNOTSUPP
+    return None
+
+
+def sys_pidfd_getfd(s, t, a):
+    """Another process may not take a copy of a remote fd (it is legorun's)."""
+    pidfd, target = s32(a[0]), s32(a[1])
+    try:
+        with open(f"/proc/{t.tid}/fdinfo/{pidfd}") as f:
+            pid = next(int(line.split()[1]) for line in f if line.startswith("Pid:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    other = s.process_of(pid)
+    if other is not None and target in other.fds:
+        return -E.EOPNOTSUPP
+    return None

@@ -10,6 +10,8 @@ Trap kinds:
   fstatat  newfstatat/statx: as `fd` when AT_EMPTY_PATH names a real dirfd
            (glibc's fstat), else as `path`;
   mmap     stops only when mmap's fd argument is remote;
+  remote   stops on every call, but only in processes that hold a remote fd
+           (trapped by the per-fd filter);
   deny     refused inside the filter with `errno`, without a stop.
 """
 from __future__ import annotations
@@ -152,6 +154,11 @@ TABLE: list[Entry] = [
        note="with --cpus one, reports the CPUs the guest would have natively"),
     _e("sched_setaffinity", "always", process.sys_sched_setaffinity, serves=LOCAL,
        note="the guest's own choice is kept and reported as is"),
+    _e("sendmsg", "remote", process.sys_sendmsg, serves=LEGORUN,
+       note="SCM_RIGHTS of a remote fd refused with EOPNOTSUPP (stops only processes holding remote fds)"),
+    _e("sendmmsg", "remote", process.sys_sendmmsg, serves=LEGORUN, note="as sendmsg"),
+    _e("pidfd_getfd", "always", process.sys_pidfd_getfd, serves=LEGORUN,
+       note="taking another process's remote fd refused with EOPNOTSUPP"),
     _e("io_uring_setup", "deny", None, serves=LEGORUN, errno=E.ENOSYS, note="io_uring would bypass interception"),
 ]
 
@@ -229,7 +236,11 @@ def fd_filter(fd: int) -> bytes:
             a.jeq(NR[e.name], jt="arg0")
         elif e.trap == "mmap":
             a.jeq(NR[e.name], jt="arg4")
+        elif e.trap == "remote":
+            a.jeq(NR[e.name], jt="trace")
     a.ret(_RET_ALLOW)
+    a.label("trace")
+    a.ret(_RET_TRACE)
     a.label("arg0")
     a.load(sc.off_arg_lo(0))
     a.jeq(fd & 0xFFFFFFFF, jt=0, jf=1)
@@ -254,7 +265,8 @@ def compatibility_page() -> str:
              "| --- | --- | --- | --- |"]
     stops = {"path": "every call", "always": "every call", "fd": "only on a remote fd",
              "fstatat": "path form: every call; fd form: only on a remote fd",
-             "mmap": "only on a remote fd", "deny": "never (refused in the filter)"}
+             "mmap": "only on a remote fd", "deny": "never (refused in the filter)",
+             "remote": "every call, in a process holding a remote fd"}
     for e in sorted(TABLE, key=lambda e: e.name):
         serves = e.serves if e.trap != "deny" else f"refused: {E.errorcode[e.errno]}"
         lines.append(f"| `{e.name}` | {stops[e.trap]} | {serves} | {e.note} |")

@@ -319,3 +319,22 @@ def test_remote_fds_reopen_through_magic_links_but_never_leave_the_process(scomp
     assert r.stdout.splitlines() == ["/lego/f remote bytes", "sendmsg: 95",
                                      "local fd passed: b'y' 1"]
     assert "passing a remote fd" in r.stderr
+
+
+def test_relative_paths_from_a_remote_cwd_that_leave_the_mount_reach_local_files(
+        scomponent, tmp_path):
+    (tmp_path / "l.txt").write_text("local!")
+    ups = "../" * 3 + str(tmp_path).lstrip("/")
+    script = textwrap.dedent(f"""
+        import os
+        os.makedirs('/lego/a/b')
+        os.chdir('/lego/a/b')
+        print(os.getcwd(), open('{ups}/l.txt').read())
+        d = os.open('/lego/a', os.O_RDONLY | os.O_DIRECTORY)
+        print(os.stat('../{ups[3:]}/l.txt', dir_fd=d).st_size, os.listdir('..'))
+        os.chdir('{ups}')
+        print(os.getcwd() == '{tmp_path}', open('l.txt').read())
+    """)
+    r = legorun([PY, "-c", script], storage=scomponent.address)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["/lego/a/b local!", "6 ['b']", "True local!"]

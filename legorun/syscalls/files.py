@@ -136,10 +136,18 @@ def _magic_link(s, t, text: str):
 
 
 def _relative(s, mount, base: str, text: str):
+    """A path relative to a remote directory (the cwd or a dirfd)."""
     rel = join_rel(base, text)
-    if rel is None:  # '..' above the mount root leaves the mount
-        return s.mounts.match(normalize(mount.guest_name(base) + "/" + text))
-    return mount, rel
+    if rel is not None:
+        return mount, rel
+    # '..' above the mount root leaves the mount. If it lands on a local path,
+    # the kernel must not see the relative form: its own cwd (or the dirfd's
+    # placeholder) is not that directory. Make the call with the full path.
+    path = normalize(mount.guest_name(base) + "/" + text)
+    target = s.mounts.match(path)
+    if target is None:
+        raise Redirected(path)
+    return target
 
 
 def _fd_target(s, t, fd: int):

@@ -125,6 +125,11 @@ def report(session, args) -> None:
         session.trace.close()
     stats = session.stats.as_dict()
     stats["rpcs"] = session.rpc_stats()
+    # legorun has reaped only the guest's tree so far (embedded components are
+    # stopped after this report), so its children's usage is the guest's.
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    stats["guest_rusage"] = {"utime": ru.ru_utime, "stime": ru.ru_stime,
+                             "maxrss_kb": stats["peak_rss_kb"] or ru.ru_maxrss}
     if args.stats_json:
         with open(args.stats_json, "w") as f:
             json.dump(stats, f, indent=1)
@@ -145,9 +150,29 @@ def print_summary(stats: dict, out) -> None:
     errors = sum(v["errors"] for v in stats["syscalls"].values())
     out.write(f"{'-'*6} {'-'*11} {'-'*11} {'-'*9} {'-'*9} {'-'*16}\n")
     out.write(f"100.00 {total_time:11.6f} {'':>11} {calls:9d} {errors or '':>9} total\n")
-    out.write(f"ptrace stops: {stats['ptrace_stops']}\n")
-    for comp, s in stats.get("rpcs", {}).items():
-        out.write(f"{comp}: {json.dumps(s)}\n")
+    out.write(f"\nptrace stops: {stats['ptrace_stops']} ({stats['trapped']} for syscalls "
+              f"legorun handles)\n")
+    rusage = stats.get("guest_rusage")
+    if rusage:
+        out.write(f"guest: user {rusage['utime']:.3f} s, sys {rusage['stime']:.3f} s, "
+                  f"peak RSS {rusage['maxrss_kb'] / 1024:.1f} MiB\n")
+    rpcs = stats.get("rpcs", {})
+    if rpcs:
+        out.write(f"\n{'component':<11} {'rpc':<16} {'calls':>8} {'errors':>7} {'p50 ms':>8} "
+                  f"{'p99 ms':>8} {'sent':>10} {'received':>10}\n")
+        for comp, ops in rpcs.items():
+            for op, v in sorted(ops.items(), key=lambda kv: -kv[1]["count"]):
+                out.write(f"{comp:<11} {op:<16} {v['count']:>8} {v['errors'] or '':>7} "
+                          f"{v.get('p50_ms', 0):>8.3f} {v.get('p99_ms', 0):>8.3f} "
+                          f"{_size(v['bytes_sent']):>10} {_size(v['bytes_received']):>10}\n")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
 
 
 def die_of_signal(sig: int) -> None:

@@ -33,7 +33,7 @@ import queue
 import secrets
 import threading
 import time
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import grpc
 
@@ -287,6 +287,8 @@ class MemoryClient:
     # -- pages ----------------------------------------------------------------
     def _send_frame(self, space: bytes, stores, fetch_addrs, op: str) -> int:
         """Send one frame (lock held); returns its id."""
+        if len(stores) > memwire.MAX_PAGES or len(fetch_addrs) > memwire.MAX_PAGES:
+            raise ValueError(f"at most {memwire.MAX_PAGES} pages to store and to fetch per message")
         rid = self._next_id
         self._next_id += 1
         if stores:

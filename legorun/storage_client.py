@@ -21,6 +21,7 @@ import grpc
 
 from legorun import wire
 from legorun.errors import ComponentError
+from legorun.stats import Latencies
 from legorun.proto import storage_pb2 as pb
 
 METHOD_CALL = "/legorun.storage.v1.Storage/Call"
@@ -207,11 +208,12 @@ class StorageClient:
     def _account(self, opname: str | None, seconds: float, sent: int, raw: bytes, reply: pb.Reply) -> None:
         s = self._stats.get(opname or "")
         if s is None:
-            s = self._stats[opname or ""] = [0, 0, 0.0, 0, 0]
+            s = self._stats[opname or ""] = [0, 0, 0.0, 0, 0, Latencies()]
         s[0] += 1
         if reply.errno:
             s[1] += 1
         s[2] += seconds
+        s[5].add(seconds)
         s[3] += sent
         s[4] += len(raw)
 
@@ -298,7 +300,7 @@ class StorageClient:
             now = time.perf_counter()
             s = self._stats.get(kind)
             if s is None:
-                s = self._stats[kind] = [0, 0, 0.0, 0, 0]
+                s = self._stats[kind] = [0, 0, 0.0, 0, 0, Latencies()]
             ids = []
             for frame in frames:
                 rid = wire.REQ.unpack_from(frame)[0] if len(frame) >= wire.REQ.size else -1
@@ -342,7 +344,9 @@ class StorageClient:
             raise self._error(f"protocol error: unexpected data reply {rid}")
         when, s = sent
         s[1] += 1 if err else 0
-        s[2] += time.perf_counter() - when
+        took = time.perf_counter() - when
+        s[2] += took
+        s[5].add(took)
         s[4] += len(reply)
         if rid in self._forgotten:
             self._forgotten.discard(rid)
@@ -361,10 +365,15 @@ class StorageClient:
     def stats(self) -> dict[str, dict[str, float]]:
         """Per op: count, errors (replies with errno), seconds (round trips;
         a pipeline's time is shared evenly), bytes_sent and bytes_received
-        (serialized messages)."""
+        (serialized messages), and p50_ms/p99_ms of the round trips."""
         keys = ("count", "errors", "seconds", "bytes_sent", "bytes_received")
         with self._lock:
-            return {op: dict(zip(keys, values)) for op, values in self._stats.items()}
+            out = {}
+            for op, values in self._stats.items():
+                out[op] = dict(zip(keys, values[:5]))
+                out[op]["p50_ms"] = values[5].quantile(0.5) * 1e3
+                out[op]["p99_ms"] = values[5].quantile(0.99) * 1e3
+            return out
 
     def close(self) -> None:
         """Close the stream and the channel; a later call reopens them."""

@@ -24,7 +24,7 @@ from .syscalls.files import Redirected
 
 OPTIONS = (pt.PTRACE_O_TRACESYSGOOD | pt.PTRACE_O_TRACECLONE | pt.PTRACE_O_TRACEFORK
            | pt.PTRACE_O_TRACEVFORK | pt.PTRACE_O_TRACEEXEC | pt.PTRACE_O_TRACESECCOMP
-           | pt.PTRACE_O_EXITKILL)
+           | pt.PTRACE_O_TRACEEXIT | pt.PTRACE_O_EXITKILL)
 
 CLONE_VM = 0x100
 CLONE_FS = 0x200
@@ -215,6 +215,19 @@ class Tracer:
             except ProcessLookupError:
                 pass
 
+    def _note_peak_rss(self, pid: int) -> None:
+        """The process is about to exit: its mm's high-water mark is the guest's
+        true peak RSS (wait4's would include the Python legorun forked it from)."""
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        kb = int(line.split()[1])
+                        self.stats.peak_rss_kb = max(self.stats.peak_rss_kb, kb)
+                        return
+        except (OSError, ValueError):
+            pass
+
     def _read_exec_error(self) -> None:
         try:
             msg = os.read(self._err_pipe, 4096).decode(errors="replace")
@@ -238,6 +251,10 @@ class Tracer:
             self._on_exec(t)
         elif event == pt.PTRACE_EVENT_STOP:
             self._on_event_stop(t, sig)
+        elif event == pt.PTRACE_EVENT_EXIT:
+            if t.process is not None and t.tid == t.process.pid:
+                self._note_peak_rss(t.tid)
+            pt.cont(t.tid)
         elif event:
             pt.cont(t.tid)
         else:  # signal-delivery-stop: hand the signal on

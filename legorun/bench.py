@@ -171,9 +171,24 @@ def ratio_spread(ratios: Sequence[float]) -> dict:
     return s
 
 
+def _flat(v):
+    """{component: {op: {...}}} (legorun's "rpcs") as {"component/op": {...}}."""
+    if not isinstance(v, dict):
+        return v
+    out = {}
+    for name, item in v.items():
+        if isinstance(item, dict) and "count" not in item and all(
+                isinstance(x, dict) for x in item.values()):
+            for sub, x in item.items():
+                out[f"{name}/{sub}"] = x
+        else:
+            out[name] = item
+    return out
+
+
 def _count_total(stats: dict, key: str) -> int | None:
     """Sum of the "count" fields of a {name: {"count": n}} dict, or an int."""
-    v = stats.get(key)
+    v = _flat(stats.get(key))
     if isinstance(v, bool):
         return None
     if isinstance(v, (int, float)):
@@ -190,7 +205,7 @@ def _count_total(stats: dict, key: str) -> int | None:
 
 
 def _count_by_name(stats: dict, key: str) -> dict[str, int]:
-    v = stats.get(key)
+    v = _flat(stats.get(key))
     out: dict[str, int] = {}
     if isinstance(v, dict):
         for name, item in v.items():

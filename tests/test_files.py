@@ -338,3 +338,21 @@ def test_relative_paths_from_a_remote_cwd_that_leave_the_mount_reach_local_files
     r = legorun([PY, "-c", script], storage=scomponent.address)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["/lego/a/b local!", "6 ['b']", "True local!"]
+
+
+def test_fionread_and_unshare_of_the_fd_table(scomponent):
+    script = textwrap.dedent("""
+        import array, ctypes, fcntl, os, termios
+        fd = os.open('/lego/f', os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        os.write(fd, b'0123456789')
+        os.lseek(fd, 3, 0)
+        buf = array.array('i', [0])
+        fcntl.ioctl(fd, termios.FIONREAD, buf)
+        print('fionread', buf[0])
+        libc = ctypes.CDLL(None, use_errno=True)
+        print('unshare', libc.unshare(0x400))          # CLONE_FILES: a private table
+        print(os.read(fd, 3))
+    """)
+    r = legorun([PY, "-c", script], storage=scomponent.address)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["fionread 7", "unshare 0", "b'345'"]

@@ -762,10 +762,27 @@ def sys_flock(s, t, a):
     return _take(s, ofd, lock, not op & LOCK_NB, taken, busy=E.EWOULDBLOCK)
 
 
+FIONREAD = 0x541B
+
+
 def sys_ioctl(s, t, a):
-    if s32(a[0]) not in t.process.fds:
+    ofd = t.process.fds.get(s32(a[0]))
+    if ofd is None:
         return None
+    if a[1] & 0xFFFFFFFF == FIONREAD and not ofd.is_dir:
+        left = max(0, remote_stat(s, ofd.mount, ofd.path).size - ofd.offset)
+        t.write_bytes(a[2], struct.pack("<i", min(left, 0x7FFFFFFF)))
+        return 0
     raise GuestError(E.ENOTTY)
+
+
+def sys_fanotify_mark(s, t, a):
+    """fanotify_mark(fd, flags, mask, dirfd, pathname)."""
+    if a[4] == 0:
+        return None
+    if resolve(s, t, s32(a[3]), t.read_cstring(a[4]), empty_ok=True) is None:
+        return None
+    raise GuestError(E.ENOSYS)
 
 
 MAP_SHARED = 0x01

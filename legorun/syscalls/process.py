@@ -129,3 +129,25 @@ def sys_pidfd_getfd(s, t, a):
     if other is not None and target in other.fds:
         return -E.EOPNOTSUPP
     return None
+
+
+CLONE_FS = 0x200
+CLONE_FILES = 0x400
+
+
+def sys_unshare(s, t, a):
+    """unshare(CLONE_FILES / CLONE_FS): this process stops sharing legorun's
+    view of its fd table or cwd with the others it shared them with."""
+    flags = a[0] & 0xFFFFFFFF
+    if not flags & (CLONE_FILES | CLONE_FS):
+        return None
+    proc = t.process
+
+    def finish(tracer, t, result):
+        if result == 0:
+            if flags & CLONE_FILES:
+                proc.fds = proc.fds.copy_private()
+            if flags & CLONE_FS:
+                proc.fs = proc.fs.copy()
+        return result
+    return Rewrite(NR["unshare"], a, finish)

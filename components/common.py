@@ -325,6 +325,7 @@ def serve(
     max_workers: int = 64,
     on_ready: Callable[[], None] | None = None,
     stop_event: threading.Event | None = None,
+    options: Iterable[tuple[str, object]] = (),
 ) -> int:
     """Run a component server until SIGTERM/SIGINT (or ``stop_event``); returns 0.
 
@@ -332,13 +333,14 @@ def serve(
     full service names (for health and reflection). Health (status SERVING)
     and reflection are added here. Prints exactly one stdout line
     ``listening on ADDR`` once the server accepts connections. Bind
-    failures exit 2 with one line on stderr.
+    failures exit 2 with one line on stderr. ``options`` are extra gRPC
+    server options (keys not already in SERVER_OPTIONS).
     """
     interceptors = [TokenAuthInterceptor(config.token)] if config.token else []
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
         interceptors=interceptors,
-        options=SERVER_OPTIONS,
+        options=SERVER_OPTIONS + tuple(options),
     )
     names = list(register(server))
     health_servicer = health.HealthServicer()

@@ -270,6 +270,36 @@ def _dtype(entry: os.DirEntry) -> int:
     return 0
 
 
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+_new_bytes.restype = ctypes.py_object
+_libc.pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64]
+_libc.pread.restype = ctypes.c_ssize_t
+
+
+def read_reply(fd: int, rid: int, offset: int, length: int) -> bytes:
+    """A READ reply frame, the file's bytes read straight into it (no copies
+    in Python: the frame is a fresh bytes object filled by pread)."""
+    size = wire.REP.size + length
+    frame = _new_bytes(None, size)
+    base = ctypes.cast(ctypes.c_char_p(frame), ctypes.c_void_p).value
+    got = 0
+    while got < length:
+        n = _libc.pread(fd, base + wire.REP.size + got, length - got, offset + got)
+        if n < 0:
+            err = ctypes.get_errno()
+            if err == errno.EINTR:
+                continue
+            if got:
+                break
+            raise OSError(err, os.strerror(err))
+        if n == 0:
+            break
+        got += n
+    ctypes.memmove(base, wire.REP.pack(rid, 0, got, offset), wire.REP.size)
+    return frame if got == length else frame[:wire.REP.size + got]
+
+
 def write_at(fd: int, data, offset: int, append: bool) -> tuple:
     """Write all of data (a bytes-like) at offset, or append it; returns
     (count, offset where it landed). Short only when an error follows a
@@ -625,11 +655,8 @@ class StorageServicer(pb_grpc.StorageServicer):
             path = raw_path.decode("utf-8", "surrogateescape")
             try:
                 if op == wire.READ:
-                    buf = bytearray(REP.size + length)
                     with root.fd_of(path, os.O_RDONLY | SERVER_OPEN) as fd:
-                        got = os.preadv(fd, [memoryview(buf)[REP.size:]], offset)
-                    REP.pack_into(buf, 0, rid, 0, got, offset)
-                    reply = bytes(memoryview(buf)[:REP.size + got])
+                        reply = read_reply(fd, rid, offset, length)
                 else:
                     data = memoryview(frame)[path_end:]
                     append = op == wire.APPEND

@@ -33,7 +33,7 @@ import queue
 import secrets
 import threading
 import time
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import grpc
 
@@ -85,15 +85,10 @@ class _Stream:
         self.requests: queue.SimpleQueue = queue.SimpleQueue()
         call = channel.stream_stream(method, request_serializer=_identity,
                                      response_deserializer=_identity)
-        self.responses = call(self._feed(), metadata=metadata)
-
-    def _feed(self) -> Iterator[bytes]:
-        get = self.requests.get
-        while True:
-            item = get()
-            if item is _END:
-                return
-            yield item
+        # A C-level iterator, not a generator: gRPC's thread that consumes it
+        # then runs no Python bytecode per request (about 20 us less per
+        # round trip, measured: that thread competes for the GIL).
+        self.responses = call(iter(self.requests.get, _END), metadata=metadata)
 
     def close(self) -> None:
         self.requests.put(_END)
@@ -384,7 +379,41 @@ class MemoryClient:
 
     def _round_trip(self, space: bytes, stores, fetch_addrs, op: str) -> list:
         with self._lock:
-            return self._result(self._send_frame(space, stores, fetch_addrs, op), op)
+            stream = self._pages
+            if stream is None or self._pending:
+                return self._result(self._send_frame(space, stores, fetch_addrs, op), op)
+            # The fault path: nothing in flight, so the next reply is ours.
+            # All bookkeeping happens before the send or after the reply:
+            # Python work while the round trip runs delays gRPC's threads.
+            if len(stores) > memwire.MAX_PAGES or len(fetch_addrs) > memwire.MAX_PAGES:
+                raise ValueError(f"at most {memwire.MAX_PAGES} pages to store and to fetch per message")
+            rid = self._next_id
+            self._next_id += 1
+            if stores:
+                self._seq += 1
+                addrs = [a for a, _ in stores]
+                frame = memwire.request(rid, space, self._seq, addrs, [d for _, d in stores], fetch_addrs)
+            else:
+                addrs = ()
+                frame = memwire.request(rid, space, 0, (), (), fetch_addrs)
+            row = self._row(op)
+            start = time.perf_counter()
+            try:
+                stream.requests.put(frame)
+                raw = next(stream.responses)
+            except grpc.RpcError as e:
+                row[0] += 1
+                raise self._fail_pages(e) from None
+            except StopIteration:
+                row[0] += 1
+                raise self._fail_pages(None) from None
+            row[2] += time.perf_counter() - start
+            row[0] += 1
+            row[3] += len(frame)
+            row[4] += len(raw)
+            if len(raw) < REP.size or REP.unpack_from(raw)[0] != rid:
+                raise self._fail_pages(None, f"protocol error: unexpected page reply for {rid}")
+            return self._parse(raw, op, row, addrs, len(fetch_addrs))
 
     def fetch(self, space: bytes, addrs: Sequence[int]) -> list:
         """The pages at ``addrs`` (page-aligned, at most 4096): for each, its

@@ -209,17 +209,32 @@ def vm_write_slice(pid: int, addr: int, data: bytes, start: int, length: int) ->
     return n
 
 
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+_new_bytes.restype = ctypes.py_object
+
+
+def fresh_bytes(size: int):
+    """(a new, uninitialised bytes object of `size`, the address of its data).
+
+    The caller fills it before anything else sees it: the one way to build a
+    large bytes object from another process's memory without extra copies."""
+    obj = _new_bytes(None, size)
+    return obj, ctypes.cast(ctypes.c_char_p(obj), ctypes.c_void_p).value
+
+
 def vm_read_frame(pid: int, addr: int, length: int, header: bytes) -> bytes:
-    """header + up to `length` guest bytes at addr, as one bytes object built
-    with a single copy; short when the range runs into a bad page."""
-    buf = ctypes.create_string_buffer(len(header) + length)
-    ctypes.memmove(buf, header, len(header))
-    local = iovec(ctypes.addressof(buf) + len(header), length)
+    """header + up to `length` guest bytes at addr, as one bytes object filled
+    straight from the guest; short when the range runs into a bad page."""
+    h = len(header)
+    frame, base = fresh_bytes(h + length)
+    ctypes.memmove(base, header, h)
+    local = iovec(base + h, length)
     remote = iovec(addr, length)
     n = _process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0) if length else 0
     if n < 0:
         n = 0
-    return ctypes.string_at(buf, len(header) + n)
+    return frame if n == length else frame[:h + n]
 
 
 def libc_syscall(nr: int, *args: int) -> int:

@@ -49,23 +49,20 @@ class Process:
     fs: FsState
     covered_fds: set = field(default_factory=set)  # fd numbers a stacked filter traps
     threads: set = field(default_factory=set)
-    exe: str = ""
     lock_files: set = field(default_factory=set)  # (mount, path) with fcntl locks of this process
 
 
 class Thread:
     """One traced task (tid). Registers are fetched once per stop."""
 
-    __slots__ = ("tid", "process", "regs", "on_exit", "pending_signal", "in_group_stop",
-                 "attached", "path_addr")
+    __slots__ = ("tid", "process", "regs", "on_exit", "pending_signal", "attached", "path_addr")
 
     def __init__(self, tid: int, process: Process | None) -> None:
         self.tid = tid
         self.process = process
         self.regs = pt.user_regs_struct()
         self.on_exit = None        # continuation run at the next syscall-exit stop
-        self.pending_signal = 0
-        self.in_group_stop = False
+        self.pending_signal = 0    # a signal that arrived during an injected syscall
         self.attached = False
         self.path_addr = 0         # the path argument the current handler read
 
@@ -154,6 +151,3 @@ class Thread:
         finally:
             os.close(fd)
 
-
-def arg_reg_names() -> tuple:
-    return _ARG_REGS

@@ -44,6 +44,13 @@ NR_CLONE = NR["clone"]
 MAX_SYMLINKS = 40
 
 
+def _tgkill(tgid: int, tid: int, sig: int) -> None:
+    try:
+        pt.libc_syscall(NR["tgkill"], tgid, tid, sig)
+    except OSError:
+        pass
+
+
 def _kernel_result(tracer, t, result: int) -> int:
     return result
 
@@ -337,6 +344,9 @@ class Tracer:
         r = t.regs
         self.session.record(t, nr, value, time.perf_counter() - start,
                             (r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9))
+        if t.pending_signal:  # raise it again: a restart at a syscall stop may not inject it
+            _tgkill(t.process.pid if t.process else t.tid, t.tid, t.pending_signal)
+            t.pending_signal = 0
         pt.cont(t.tid)
 
     def inject_syscall(self, t: Thread, nr: int, args: tuple) -> int:
@@ -393,12 +403,10 @@ class Tracer:
                 pt.cont(t.tid)
             return
         if sig in STOP_SIGNALS:  # group-stop: stay stopped but keep reporting
-            t.in_group_stop = True
             pt.listen(t.tid)
             if sig in TERMINAL_STOPS and t.process.pid == self.main_pid:
                 self.session.on_guest_job_stop(sig)
             return
-        t.in_group_stop = False
         pt.cont(t.tid)
 
     def _on_clone(self, parent: Thread, event: int) -> None:

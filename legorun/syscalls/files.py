@@ -1262,10 +1262,6 @@ def sys_writev(s, t, a):
     return n
 
 
-def _pos(lo: int, hi: int = 0) -> int:
-    return s64(lo)
-
-
 def sys_preadv(s, t, a):
     ofd = t.process.fds.get(s32(a[0]))
     if ofd is None:

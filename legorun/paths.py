@@ -1,14 +1,17 @@
 """Which guest paths are remote: mount points and path resolution.
 
 Paths are resolved as the kernel would, relative to the cwd or a dirfd,
-with '..'. Resolution is lexical: a local symlink that points into a mount
-is not followed (listed in the compatibility page).
+with '..'. Resolution is lexical, except that a local path whose directories
+cross a symlink is resolved through it (the symlink may point into a mount).
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import posixpath
 import re
+import stat
 from dataclasses import dataclass
 
 
@@ -112,6 +115,45 @@ def join_rel(base: str, rel: str) -> str:
         else:
             parts.append(comp)
     return "/".join(parts)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_NO_SYMLINKS = _OpenHow(os.O_PATH | os.O_CLOEXEC | os.O_NOFOLLOW, 0, 0x04 | 0x02)
+SYS_openat2 = 437
+
+
+NO_SYMLINK, IN_DIRECTORIES, FINAL = 0, 1, 2
+
+
+def symlink_on_the_way(path: bytes) -> int:
+    """Where resolving this absolute path meets a symlink: NO_SYMLINK, among
+    its IN_DIRECTORIES, or as its FINAL component.
+
+    The kernel then may not resolve it as lexically as legorun does (a local
+    symlink can point into a mount). A missing component is no such case: no
+    symlink came before it. (The C fast path makes the same check.)"""
+    fd = _libc.syscall(SYS_openat2, -100, path, ctypes.byref(_NO_SYMLINKS), 24)
+    if fd < 0:
+        if ctypes.get_errno() in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
+            return NO_SYMLINK
+        return IN_DIRECTORIES
+    try:
+        return FINAL if stat.S_ISLNK(os.fstat(fd).st_mode) else NO_SYMLINK
+    finally:
+        os.close(fd)
+
+
+def through_symlinks(path: str, follow: bool) -> str:
+    """The path with its symlinks resolved (the final one only if `follow`)."""
+    if follow:
+        return os.path.realpath(path)
+    parent, _, name = path.rpartition("/")
+    return posixpath.join(os.path.realpath(parent or "/"), name)
 
 
 def local_cwd(tid: int) -> str:

@@ -356,3 +356,28 @@ def test_fionread_and_unshare_of_the_fd_table(scomponent):
     r = legorun([PY, "-c", script], storage=scomponent.address)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["fionread 7", "unshare 0", "b'345'"]
+
+
+def test_local_symlinks_that_point_into_a_mount_are_followed_into_it(scomponent, tmp_path):
+    os.symlink("/lego/real", tmp_path / "dirlink")
+    os.symlink("/lego/real/f", tmp_path / "filelink")
+    script = textwrap.dedent(f"""
+        import os
+        os.makedirs('/lego/real')
+        open('/lego/real/f', 'w').write('on the mount')
+        print(open('{tmp_path}/dirlink/f').read(), os.listdir('{tmp_path}/dirlink'))
+        print(open('{tmp_path}/filelink').read(), os.path.isdir('{tmp_path}/dirlink'))
+        print(os.path.islink('{tmp_path}/filelink'), os.readlink('{tmp_path}/filelink'))
+        os.chdir('{tmp_path}')
+        print(open('dirlink/f').read())
+        open('dirlink/new', 'w').write('made through a local link')
+    """)
+    for env in (None, {**os.environ, "LEGORUN_NO_FASTPATH": "1"}):
+        r = legorun([PY, "-c", script], storage=scomponent.address, env=env)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines() == ["on the mount ['f']", "on the mount True",
+                                         "True /lego/real/f", "on the mount"]
+        assert open(f"{scomponent.root}/real/new").read() == "made through a local link"
+        os.unlink(f"{scomponent.root}/real/new")
+        os.unlink(f"{scomponent.root}/real/f")
+        os.rmdir(f"{scomponent.root}/real")

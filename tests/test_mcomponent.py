@@ -16,7 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import strategies as hst
 
 from legorun import memwire
 from legorun.errors import ComponentError
@@ -493,17 +493,17 @@ def test_health_reflection_and_status(shared, client, space):
 # -- a model of the region record and the pages ---------------------------------------
 
 N = 24  # pages in the model's window
-addr_page = st.integers(0, N - 1)
-ops = st.one_of(
-    st.tuples(st.just("map"), addr_page, st.integers(1, 8), st.sampled_from([0, 1, 3]), st.booleans()),
-    st.tuples(st.just("unmap"), addr_page, st.integers(1, 8)),
-    st.tuples(st.just("discard"), addr_page, st.integers(1, 8)),
-    st.tuples(st.just("protect"), addr_page, st.integers(1, 8), st.sampled_from([0, 1, 3])),
-    st.tuples(st.just("remap"), addr_page, st.integers(1, 6), addr_page, st.integers(1, 6)),
-    st.tuples(st.just("store"), st.lists(addr_page, min_size=1, max_size=5, unique=True),
-              st.integers(0, 3)),
-    st.tuples(st.just("fork")),
-    st.tuples(st.just("switch")),
+addr_page = hst.integers(0, N - 1)
+ops = hst.one_of(
+    hst.tuples(hst.just("map"), addr_page, hst.integers(1, 8), hst.sampled_from([0, 1, 3]), hst.booleans()),
+    hst.tuples(hst.just("unmap"), addr_page, hst.integers(1, 8)),
+    hst.tuples(hst.just("discard"), addr_page, hst.integers(1, 8)),
+    hst.tuples(hst.just("protect"), addr_page, hst.integers(1, 8), hst.sampled_from([0, 1, 3])),
+    hst.tuples(hst.just("remap"), addr_page, hst.integers(1, 6), addr_page, hst.integers(1, 6)),
+    hst.tuples(hst.just("store"), hst.lists(addr_page, min_size=1, max_size=5, unique=True),
+              hst.integers(0, 3)),
+    hst.tuples(hst.just("fork")),
+    hst.tuples(hst.just("switch")),
 )
 
 
@@ -565,7 +565,7 @@ def apply_model(m: Model, op, tag: int):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(ops, min_size=1, max_size=25))
+@given(hst.lists(ops, min_size=1, max_size=25))
 def test_region_and_page_model(client, program):
     spaces = [client.create_space()]
     models = [Model()]

@@ -16,6 +16,11 @@
 #include <sys/uio.h>
 #include <sys/user.h>
 #include <sys/wait.h>
+#include <sys/syscall.h>
+#include <fcntl.h>
+#include <unistd.h>
+#include <linux/openat2.h>
+#include <sys/stat.h>
 
 #define NR_MAX 512
 #define PATH_FIRST 256
@@ -54,6 +59,24 @@ static int surely_local(const char *p, size_t n)
     return 1;
 }
 
+static int no_symlink_on_the_way(const char *path)
+{
+    /* The kernel resolves as lexically as we do unless a symlink sits on the
+       path (a local one may point into a mount). Ask it: RESOLVE_NO_SYMLINKS
+       fails with ELOOP at a symlink among the directories, and O_NOFOLLOW
+       hands back a final symlink itself, which Python then looks at. A
+       missing component is fine: no symlink came before it. */
+    struct open_how how = {.flags = O_PATH | O_CLOEXEC | O_NOFOLLOW,
+                           .resolve = RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS};
+    long fd = syscall(SYS_openat2, AT_FDCWD, path, &how, sizeof how);
+    if (fd < 0)
+        return errno == ENOENT || errno == ENOTDIR || errno == EACCES;
+    struct stat st;
+    int ok = fstat((int)fd, &st) == 0 && !S_ISLNK(st.st_mode);
+    close((int)fd);
+    return ok;
+}
+
 static int local_path_stop(pid_t tid)
 {
     struct user_regs_struct regs;
@@ -79,6 +102,8 @@ static int local_path_stop(pid_t tid)
     if (!nul)
         return 0;          /* long path: Python reads it */
     if (!surely_local(buf, (size_t)(nul - buf)))
+        return 0;
+    if (!no_symlink_on_the_way(buf))
         return 0;
     if (ptrace(PTRACE_CONT, tid, 0, 0) != 0)
         return 0;

@@ -12,7 +12,8 @@ import struct
 
 from ..fdtable import ATTIC, OpenFile
 from ..kernel.sysnums import NR
-from ..paths import fd_link, join_rel, local_cwd, local_fd_path, normalize
+from ..paths import (FINAL, NO_SYMLINK, fd_link, join_rel, local_cwd, local_fd_path, normalize,
+                     symlink_on_the_way, through_symlinks)
 from .. import wire
 from ..proto import storage as pb
 from ..errors import ComponentError
@@ -60,20 +61,20 @@ def _cwd(s, t):
     return fs.cwd
 
 
-def resolve(s, t, dirfd: int, path: bytes, empty_ok: bool = False):
+def resolve(s, t, dirfd: int, path: bytes, empty_ok: bool = False, follow: bool = True):
     """(Mount, rel) when (dirfd, path) names something on a mount, else None.
 
     'name/' and 'name/.' must name a directory: rel then keeps a trailing '/'
     (which normalization dropped), and the sComponent resolves it as the
     kernel does (ENOTDIR, EISDIR). Keys of legorun's own tables never have it.
     """
-    target = _resolve(s, t, dirfd, path, empty_ok)
+    target = _resolve(s, t, dirfd, path, empty_ok, follow)
     if target is not None and target[1] and (path.endswith(b"/") or path.endswith(b"/.")):
         return target[0], target[1] + "/"
     return target
 
 
-def _resolve(s, t, dirfd: int, path: bytes, empty_ok: bool = False):
+def _resolve(s, t, dirfd: int, path: bytes, empty_ok: bool = False, follow: bool = True):
     """resolve() without the trailing-slash rule.
 
     With empty_ok and an empty path, the dirfd itself is meant (AT_EMPTY_PATH).
@@ -85,20 +86,21 @@ def _resolve(s, t, dirfd: int, path: bytes, empty_ok: bool = False):
     mounts = s.mounts
     if path[0] == 47:  # '/'
         if mounts.surely_local(path):
-            return None
+            return _local(s, path, follow)
         text = normalize(os.fsdecode(path))
         if text.startswith(("/proc/", "/dev/")):
             return _magic_link(s, t, text)
-        return mounts.match(text)
+        return mounts.match(text) or _local(s, os.fsencode(text), follow)
     if dirfd == AT_FDCWD:
         fs = t.process.fs
         if fs.remote_cwd is not None:
             mount, base = fs.remote_cwd
             return _relative(s, mount, base, os.fsdecode(path))
         cwd = fs.cwd if fs.cwd is not None else _cwd(s, t)
-        if fs.cwd_far and b".." not in path:
-            return None
-        return mounts.match(normalize(cwd + "/" + os.fsdecode(path)))
+        if fs.cwd_far and b".." not in path and b"/" not in path:
+            return None  # a name in a local directory without mounts below it
+        text = normalize(cwd + "/" + os.fsdecode(path))
+        return mounts.match(text) or _local(s, os.fsencode(text), follow)
     text = os.fsdecode(path)
     ofd = t.process.fds.get(dirfd)
     if ofd is not None:
@@ -111,9 +113,21 @@ def _resolve(s, t, dirfd: int, path: bytes, empty_ok: bool = False):
         raise GuestError(E.EBADF) from None
     if not base.startswith("/"):
         raise GuestError(E.ENOTDIR)
-    if b".." not in path and mounts.far_from(base):
+    full = normalize(base + "/" + text)
+    return mounts.match(full) or _local(s, os.fsencode(full), follow)
+
+
+def _local(s, path: bytes, follow: bool):
+    """A lexically local absolute path: local, unless a local symlink on it
+    leads onto a mount (then the call is made again with the path it leads to).
+    `follow`: the call follows a final symlink."""
+    where = symlink_on_the_way(path)
+    if where == NO_SYMLINK or (where == FINAL and not follow):
         return None
-    return mounts.match(normalize(base + "/" + text))
+    real = through_symlinks(os.fsdecode(path), follow)
+    if s.mounts.match(normalize(real)) is None:
+        return None
+    raise Redirected(real)
 
 
 def _magic_link(s, t, text: str):
@@ -157,9 +171,11 @@ def _fd_target(s, t, fd: int):
     return None
 
 
-def path_arg(s, t, dirfd: int, addr: int, empty_ok: bool = False):
+def path_arg(s, t, dirfd: int, addr: int, empty_ok: bool = False, follow: bool = True):
+    """Where the path argument at `addr` leads: (Mount, rel), or None if local.
+    `follow`: the call follows a final symlink (stat does, lstat does not)."""
     t.path_addr = addr  # the argument a redirect would replace
-    return resolve(s, t, dirfd, t.read_cstring(addr), empty_ok)
+    return resolve(s, t, dirfd, t.read_cstring(addr), empty_ok, follow)
 
 
 class Redirected(Exception):
@@ -249,7 +265,7 @@ def sys_stat(s, t, a):
 
 
 def sys_lstat(s, t, a):
-    target = path_arg(s, t, AT_FDCWD, a[0])
+    target = path_arg(s, t, AT_FDCWD, a[0], follow=False)
     return None if target is None else _stat_into(s, t, target, a[1], False)
 
 
@@ -262,7 +278,8 @@ def sys_fstat(s, t, a):
 
 def sys_newfstatat(s, t, a):
     flags = s32(a[3])
-    target = path_arg(s, t, s32(a[0]), a[1], empty_ok=bool(flags & AT_EMPTY_PATH))
+    target = path_arg(s, t, s32(a[0]), a[1], empty_ok=bool(flags & AT_EMPTY_PATH),
+                      follow=not flags & AT_SYMLINK_NOFOLLOW)
     if target is None:
         return None
     return _stat_into(s, t, target, a[2], not flags & AT_SYMLINK_NOFOLLOW)
@@ -270,7 +287,8 @@ def sys_newfstatat(s, t, a):
 
 def sys_statx(s, t, a):
     flags = s32(a[2])
-    target = path_arg(s, t, s32(a[0]), a[1], empty_ok=bool(flags & AT_EMPTY_PATH))
+    target = path_arg(s, t, s32(a[0]), a[1], empty_ok=bool(flags & AT_EMPTY_PATH),
+                      follow=not flags & AT_SYMLINK_NOFOLLOW)
     if target is None:
         return None
     mount, rel = target
@@ -318,7 +336,8 @@ def sys_faccessat(s, t, a):
 
 def sys_faccessat2(s, t, a):
     flags = s32(a[3])
-    target = path_arg(s, t, s32(a[0]), a[1], empty_ok=bool(flags & AT_EMPTY_PATH))
+    target = path_arg(s, t, s32(a[0]), a[1], empty_ok=bool(flags & AT_EMPTY_PATH),
+                      follow=not flags & AT_SYMLINK_NOFOLLOW)
     return None if target is None else _access(s, target, s32(a[2]))
 
 
@@ -336,12 +355,12 @@ def _readlink(s, t, target, buf: int, size: int) -> int:
 
 
 def sys_readlink(s, t, a):
-    target = path_arg(s, t, AT_FDCWD, a[0])
+    target = path_arg(s, t, AT_FDCWD, a[0], follow=False)
     return None if target is None else _readlink(s, t, target, a[1], a[2])
 
 
 def sys_readlinkat(s, t, a):
-    target = path_arg(s, t, s32(a[0]), a[1])
+    target = path_arg(s, t, s32(a[0]), a[1], follow=False)
     return None if target is None else _readlink(s, t, target, a[2], a[3])
 
 
@@ -368,7 +387,8 @@ def sys_fchmodat(s, t, a):
 
 def sys_fchmodat2(s, t, a):
     flags = s32(a[3])
-    target = path_arg(s, t, s32(a[0]), a[1], empty_ok=bool(flags & AT_EMPTY_PATH))
+    target = path_arg(s, t, s32(a[0]), a[1], empty_ok=bool(flags & AT_EMPTY_PATH),
+                      follow=not flags & AT_SYMLINK_NOFOLLOW)
     return None if target is None else _chmod(s, target, a[2])
 
 
@@ -384,7 +404,7 @@ def sys_chown(s, t, a):
 
 
 def sys_lchown(s, t, a):
-    target = path_arg(s, t, AT_FDCWD, a[0])
+    target = path_arg(s, t, AT_FDCWD, a[0], follow=False)
     return None if target is None else _chown(s, target, a[1], a[2], False)
 
 
@@ -395,7 +415,8 @@ def sys_fchown(s, t, a):
 
 def sys_fchownat(s, t, a):
     flags = s32(a[4])
-    target = path_arg(s, t, s32(a[0]), a[1], empty_ok=bool(flags & AT_EMPTY_PATH))
+    target = path_arg(s, t, s32(a[0]), a[1], empty_ok=bool(flags & AT_EMPTY_PATH),
+                      follow=not flags & AT_SYMLINK_NOFOLLOW)
     return None if target is None else _chown(s, target, a[2], a[3], not flags & AT_SYMLINK_NOFOLLOW)
 
 
@@ -445,7 +466,8 @@ def sys_utimensat(s, t, a):
     if a[1] == 0:  # utimensat(fd, NULL, ...) acts on the fd itself (futimens)
         target = _fd_target(s, t, dirfd)
     else:
-        target = path_arg(s, t, dirfd, a[1], empty_ok=bool(flags & AT_EMPTY_PATH))
+        target = path_arg(s, t, dirfd, a[1], empty_ok=bool(flags & AT_EMPTY_PATH),
+                      follow=not flags & AT_SYMLINK_NOFOLLOW)
     if target is None:
         return None
     return _utimens(s, target, _read_timespecs(t, a[2]), not flags & AT_SYMLINK_NOFOLLOW)
@@ -535,8 +557,12 @@ def _placeholder(s, t, ofd: OpenFile, cloexec: bool) -> Rewrite:
                    finish, pokes=((addr, b"/\0"),))
 
 
+def _open_follows(flags: int) -> bool:
+    return not (flags & O_NOFOLLOW or flags & (O_CREAT | O_EXCL) == O_CREAT | O_EXCL)
+
+
 def sys_open(s, t, a):
-    target = path_arg(s, t, AT_FDCWD, a[0])
+    target = path_arg(s, t, AT_FDCWD, a[0], follow=_open_follows(s32(a[1])))
     return None if target is None else _open(s, t, target, s32(a[1]), a[2])
 
 
@@ -546,7 +572,7 @@ def sys_creat(s, t, a):
 
 
 def sys_openat(s, t, a):
-    target = path_arg(s, t, s32(a[0]), a[1])
+    target = path_arg(s, t, s32(a[0]), a[1], follow=_open_follows(s32(a[2])))
     return None if target is None else _open(s, t, target, s32(a[2]), a[3])
 
 
@@ -1521,12 +1547,12 @@ def sys_getdents(s, t, a):
 
 
 def sys_mkdir(s, t, a):
-    target = path_arg(s, t, AT_FDCWD, a[0])
+    target = path_arg(s, t, AT_FDCWD, a[0], follow=False)
     return None if target is None else _mkdir(s, t, target, a[1])
 
 
 def sys_mkdirat(s, t, a):
-    target = path_arg(s, t, s32(a[0]), a[1])
+    target = path_arg(s, t, s32(a[0]), a[1], follow=False)
     return None if target is None else _mkdir(s, t, target, a[2])
 
 
@@ -1547,7 +1573,7 @@ def _rmdir(s, target):
 
 
 def sys_rmdir(s, t, a):
-    target = path_arg(s, t, AT_FDCWD, a[0])
+    target = path_arg(s, t, AT_FDCWD, a[0], follow=False)
     return None if target is None else _rmdir(s, target)
 
 
@@ -1563,20 +1589,20 @@ def _unlink(s, target):
 
 
 def sys_unlink(s, t, a):
-    target = path_arg(s, t, AT_FDCWD, a[0])
+    target = path_arg(s, t, AT_FDCWD, a[0], follow=False)
     return None if target is None else _unlink(s, target)
 
 
 def sys_unlinkat(s, t, a):
-    target = path_arg(s, t, s32(a[0]), a[1])
+    target = path_arg(s, t, s32(a[0]), a[1], follow=False)
     if target is None:
         return None
     return _rmdir(s, target) if s32(a[2]) & AT_REMOVEDIR else _unlink(s, target)
 
 
-def _two_paths(s, t, d1, p1, d2, p2):
-    src = path_arg(s, t, d1, p1)
-    dst = path_arg(s, t, d2, p2)
+def _two_paths(s, t, d1, p1, d2, p2, follow_src=False):
+    src = path_arg(s, t, d1, p1, follow=follow_src)
+    dst = path_arg(s, t, d2, p2, follow=False)
     if src is None and dst is None:
         return None
     if src is None or dst is None or src[0] is not dst[0]:
@@ -1614,7 +1640,7 @@ def sys_renameat2(s, t, a):
 
 
 def _link(s, t, d1, p1, d2, p2, flags=0):
-    pair = _two_paths(s, t, d1, p1, d2, p2)
+    pair = _two_paths(s, t, d1, p1, d2, p2, follow_src=bool(flags & AT_SYMLINK_FOLLOW))
     if pair is None:
         return None
     (mount, old), (_, new) = pair
@@ -1634,7 +1660,7 @@ def sys_linkat(s, t, a):
 
 
 def _symlink(s, t, target_addr, dirfd, path_addr):
-    where = path_arg(s, t, dirfd, path_addr)
+    where = path_arg(s, t, dirfd, path_addr, follow=False)
     if where is None:
         return None
     target = os.fsdecode(t.read_cstring(target_addr))

@@ -131,7 +131,13 @@ def main(argv: list[str]) -> int:
     rand_mb, rand_count = (16, 2000) if a.quick else (64, None)
     small_n = 300 if a.quick else 2000
     mount_made = a.mount is None
-    mount = a.mount or tempfile.mkdtemp(prefix="legorun-bench-mnt-")
+    # Files live on tmpfs on both sides (natively in the mount dir, under
+    # legorun in the embedded sComponent's root), so the disk does not
+    # dominate what is compared: legorun's forwarding against raw gRPC.
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    mount = a.mount or tempfile.mkdtemp(prefix="legorun-bench-mnt-", dir=shm)
+    xdg = tempfile.mkdtemp(prefix="legorun-bench-data-", dir=shm)
+    os.environ["XDG_DATA_HOME"] = xdg
     os.makedirs(mount, exist_ok=True)
     lopts = ["--mount", mount]
 
@@ -188,6 +194,7 @@ def main(argv: list[str]) -> int:
                        stdin=subprocess.DEVNULL, capture_output=True)
         if mount_made:
             shutil.rmtree(mount, ignore_errors=True)
+        shutil.rmtree(xdg, ignore_errors=True)
     elapsed = time.perf_counter() - t_suite
 
     text = render(a, n, machine(), started, elapsed, results, baseline,

@@ -157,3 +157,10 @@ def test_io_uring_is_refused_with_enosys():
     r = legorun([PY, "-c", "import ctypes, os; l = ctypes.CDLL(None, use_errno=True); "
                            "print(l.syscall(425, 1, 0), ctypes.get_errno())"])
     assert r.stdout.split() == ["-1", str(38)]
+
+
+def test_a_mount_under_dev_or_proc_is_still_a_mount(scomponent, tmp_path):
+    script = "open('/dev/legotest/f', 'w').write('x'); print(open('/dev/legotest/f').read())"
+    r = legorun([PY, "-c", script], storage=scomponent.address, mounts=("/dev/legotest",))
+    assert (r.returncode, r.stdout) == (0, "x\n"), r.stderr
+    assert open(f"{scomponent.root}/f").read() == "x"

@@ -88,9 +88,12 @@ def _resolve(s, t, dirfd: int, path: bytes, empty_ok: bool = False, follow: bool
         if mounts.surely_local(path):
             return _local(s, path, follow)
         text = normalize(os.fsdecode(path))
+        target = mounts.match(text)
+        if target is not None:
+            return target
         if text.startswith(("/proc/", "/dev/")):
             return _magic_link(s, t, text)
-        return mounts.match(text) or _local(s, os.fsencode(text), follow)
+        return _local(s, os.fsencode(text), follow)
     if dirfd == AT_FDCWD:
         fs = t.process.fs
         if fs.remote_cwd is not None:

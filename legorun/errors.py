@@ -15,3 +15,7 @@ class ComponentError(Exception):
         self.address = address
         self.reason = reason
         self.code = code
+
+
+class FatalError(Exception):
+    """legorun must stop: a component cannot be reached (exit status 2)."""

@@ -13,12 +13,8 @@ from .kernel.sysnums import NAMES
 from .paths import MountTable
 from .proto import storage as pb
 from .stats import RunStats
-from .errors import ComponentError
+from .errors import ComponentError, FatalError
 from .syscalls import table
-
-
-class FatalError(Exception):
-    """legorun must stop: a component cannot be reached (exit status 2)."""
 
 
 class Session:

@@ -16,7 +16,8 @@ import time
 from .fdtable import FdTable
 from .kernel import ptrace as pt
 from .kernel import seccomp
-from .kernel.sysnums import NR
+from .kernel.sysnums import NAMES, NR
+from .errors import FatalError
 from .tracee import FsState, GuestError, Process, Thread
 from .syscalls.base import Park, Rewrite
 from .syscalls import table
@@ -286,6 +287,12 @@ class Tracer:
             outcome = -e.errno
         except Redirected as r:
             outcome = self._redirected(t, nr, handler, args, r)
+        except (FatalError, ProcessLookupError):
+            raise
+        except Exception as e:  # a bug in a handler: one line, and the call fails
+            session.say(f"internal error in {NAMES.get(nr, nr)} for pid {t.tid}: {e!r}; "
+                        "the call fails with EIO")
+            outcome = -errno.EIO
         if outcome is None:
             pt.cont(t.tid)
             return

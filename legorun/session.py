@@ -5,16 +5,20 @@ import errno as E
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
-from .fdtable import ATTIC
 from .components import EmbeddedComponent, StartError, default_storage_root
+from .errors import ComponentError, FatalError
+from .fdtable import ATTIC
 from .kernel.seccomp import SECCOMP_FILTER_FLAG_TSYNC, SECCOMP_SET_MODE_FILTER, SECCOMP_SYSCALL
 from .kernel.sysnums import NAMES
 from .paths import MountTable
 from .proto import storage as pb
 from .stats import RunStats
-from .errors import ComponentError, FatalError
 from .syscalls import table
+
+if TYPE_CHECKING:
+    from .storage_client import StorageClient
 
 
 class Session:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import errno as E
 import os
-import sys
 
 from ..tracee import GuestError
 from ..kernel.sysnums import NR

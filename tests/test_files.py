@@ -381,3 +381,53 @@ def test_local_symlinks_that_point_into_a_mount_are_followed_into_it(scomponent,
         os.unlink(f"{scomponent.root}/real/new")
         os.unlink(f"{scomponent.root}/real/f")
         os.rmdir(f"{scomponent.root}/real")
+
+
+THREADS_C = r"""
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+static int shared_fd = -1;
+
+static void *worker(void *arg) {
+    long id = (long)arg;
+    char path[64], buf[64];
+    snprintf(path, sizeof path, "/lego/t%ld", id);
+    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0644);   /* a new remote fd per thread */
+    for (int i = 0; i < 200; i++) {
+        int n = snprintf(buf, sizeof buf, "%ld:%d\n", id, i);
+        if (write(fd, buf, n) != n) return (void *)1;
+    }
+    lseek(fd, 0, SEEK_SET);
+    char all[4096];
+    ssize_t got = read(fd, all, sizeof all);
+    close(fd);
+    /* every thread also reads the fd the main thread opened before they started */
+    char head[6] = {0};
+    if (pread(shared_fd, head, 5, 0) != 5 || strcmp(head, "main!") != 0) return (void *)2;
+    return (void *)(got > 0 ? 0 : 3);
+}
+
+int main(void) {
+    shared_fd = open("/lego/shared", O_RDWR | O_CREAT | O_TRUNC, 0644);
+    write(shared_fd, "main!", 5);
+    pthread_t th[8];
+    for (long i = 0; i < 8; i++) pthread_create(&th[i], NULL, worker, (void *)i);
+    int bad = 0;
+    for (int i = 0; i < 8; i++) { void *r; pthread_join(th[i], &r); bad += r != NULL; }
+    printf("threads ok: %d\n", 8 - bad);
+    return bad;
+}
+"""
+
+
+def test_threads_open_and_use_remote_fds_concurrently(scomponent, tmp_path):
+    exe = compile_c(tmp_path, "threads", THREADS_C, flags=("-pthread",))
+    r = legorun([exe], storage=scomponent.address)
+    assert (r.returncode, r.stdout) == (0, "threads ok: 8\n"), r.stderr
+    for i in range(8):
+        lines = open(f"{scomponent.root}/t{i}").read().splitlines()
+        assert lines == [f"{i}:{n}" for n in range(200)]

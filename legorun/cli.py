@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-e", metavar="EXPR", dest="trace_expr",
                    help="which calls to trace, as strace's -e trace=: names and %%file, %%desc, "
                         "%%memory, %%process, plus excache for memory events (implies --trace)")
+    p.add_argument("-s", metavar="STRSIZE", dest="strsize", type=int, default=32,
+                   help="the longest buffer shown in a trace line, as strace's -s (default 32)")
+    p.add_argument("-f", dest="follow_forks", action="store_true",
+                   help="accepted for strace's sake: legorun always follows every thread and child")
     p.add_argument("--trace-json", metavar="FILE",
                    help="write the traced events as JSON lines (one object per event)")
     p.add_argument("-V", "--version", action="version", version=f"legorun {__version__}")
@@ -117,7 +121,7 @@ def open_trace(args):
     if args.trace or args.output or args.trace_expr:
         out = open(args.output, "w", buffering=1) if args.output else sys.stderr
     json_out = open(args.trace_json, "w", buffering=1) if args.trace_json else None
-    return TraceWriter(out, json_out, args.trace_expr)
+    return TraceWriter(out, json_out, args.trace_expr, strsize=args.strsize)
 
 
 def report(session, args) -> None:

@@ -137,20 +137,20 @@ def _s32(v: int) -> int:
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
-def decode_args(t, name: str, args: tuple, result: int) -> list:
+def decode_args(t, name: str, args: tuple, result: int, strsize: int = STRING_MAX) -> list:
     """Each argument as strace would print it (strings read from the stopped guest)."""
     proto = SYSCALL_PROTOTYPES.get(name)
     if proto is None:
         return [hex(a) for a in args[:3]]
     out = []
     for (ctype, aname), value in zip(proto[1], args):
-        out.append(_decode_one(t, name, ctype, aname, value, result))
+        out.append(_decode_one(t, name, ctype, aname, value, result, strsize))
     if name in ("open", "openat") and not args[1 if name == "open" else 2] & 0o100:
         out.pop()  # strace shows the mode only with O_CREAT
     return out
 
 
-def _decode_one(t, name, ctype, aname, value, result) -> str:
+def _decode_one(t, name, ctype, aname, value, result, strsize=STRING_MAX) -> str:
     if ctype == "const char *" and aname in ("filename", "pathname", "oldname", "newname", "path",
                                               "name", "specialfile", "oldpath", "newpath"):
         try:
@@ -168,9 +168,9 @@ def _decode_one(t, name, ctype, aname, value, result) -> str:
         return oct(value & 0o7777).replace("0o", "0")
     if aname == "buf" and name in ("write", "pwrite64") or (aname == "buf" and name in (
             "read", "pread64") and result > 0):
-        count = min(STRING_MAX + 1, result if result > 0 else STRING_MAX + 1)
+        count = min(strsize + 1, result if result > 0 else strsize + 1)
         try:
-            return _quote(t.read_prefix(value, count))
+            return _quote(t.read_prefix(value, count), strsize)
         except GuestError:
             return hex(value)
     if ctype.endswith("*") or ctype.endswith("* *"):
@@ -192,7 +192,9 @@ def format_result(result: int) -> str:
 class TraceWriter:
     """Writes trace lines (`out`) and/or JSON lines (`json_out`) for forwarded syscalls."""
 
-    def __init__(self, out=None, json_out=None, expr: str | None = None) -> None:
+    def __init__(self, out=None, json_out=None, expr: str | None = None,
+                 strsize: int = STRING_MAX) -> None:
+        self.strsize = strsize
         self.out = out
         self.json_out = json_out
         self.names, self.excache = parse_filter(expr)
@@ -203,7 +205,7 @@ class TraceWriter:
     def syscall(self, t, name: str, args: tuple, result: int, served_by: str, seconds: float) -> None:
         if not self.wants(name):
             return
-        decoded = decode_args(t, name, args, result)
+        decoded = decode_args(t, name, args, result, self.strsize)
         if self.out is not None:
             self.out.write(f"{t.tid:<5} {name}({', '.join(decoded)}) = {format_result(result)} "
                            f"<{served_by} {seconds:.6f}>\n")

@@ -509,13 +509,7 @@ class Operations:
             _check(_libc.syscall(SYS_faccessat2, fd, b"", m.mode, AT_EMPTY_PATH | AT_EACCESS), m.path)
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+_varint = wire.varint
 
 
 _DATA_KEY = _varint((pb.Reply.DESCRIPTOR.fields_by_name["data"].number << 3) | 2)

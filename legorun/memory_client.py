@@ -41,7 +41,7 @@ from legorun import memwire
 from legorun.errors import ComponentError
 from legorun.memwire import PAGE_SIZE, REP
 from legorun.proto import memory_pb2 as pb
-from legorun.storage_client import CHANNEL_OPTIONS, _reason
+from legorun.grpc_base import ComponentClient, _reason
 
 METHOD_CALL = "/legorun.memory.v1.Memory/Call"
 METHOD_STATUS = "/legorun.memory.v1.Memory/Status"
@@ -95,20 +95,16 @@ class _Stream:
         self.responses.cancel()
 
 
-class MemoryClient:
+class MemoryClient(ComponentClient):
     """A client of one mComponent."""
 
     def __init__(self, address: str, token: str | None = None, tls_ca: str | None = None,
                  name: str = "mComponent", client_id: str | None = None):
-        self.address = address
-        self.name = name
         self.client_id = client_id or secrets.token_hex(16)
         md = [(CLIENT_HEADER, self.client_id)]
         if token:
             md.append(("authorization", f"Bearer {token}"))
-        self._metadata = tuple(md)
-        self._tls_ca = tls_ca
-        self._channel: grpc.Channel | None = None
+        super().__init__(address, name, tuple(md), tls_ca)
         self._call: _Stream | None = None
         self._pages: _Stream | None = None
         self._lock = threading.Lock()
@@ -122,40 +118,9 @@ class MemoryClient:
         self._forgotten: set[int] = set()
         self._stats: dict[str, list] = {}
 
-    # -- connection -----------------------------------------------------------
-    def _error(self, reason: str, code=None) -> ComponentError:
-        return ComponentError(self.name, self.address, reason, code)
+    METHOD_STATUS = METHOD_STATUS
 
-    def _get_channel(self) -> grpc.Channel:
-        if self._channel is None:
-            if self._tls_ca:
-                try:
-                    with open(self._tls_ca, "rb") as f:
-                        ca = f.read()
-                except OSError as e:
-                    raise self._error(f"cannot read TLS CA {self._tls_ca}: {e.strerror}") from None
-                creds = grpc.ssl_channel_credentials(root_certificates=ca)
-                self._channel = grpc.secure_channel(self.address, creds, options=CHANNEL_OPTIONS)
-            else:
-                self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-        return self._channel
-
-    def connect(self, timeout: float = 5.0) -> None:
-        """Wait until the channel is ready; raises ComponentError otherwise.
-        (The token is checked by the first request, not here.)"""
-        channel = self._get_channel()
-        try:
-            grpc.channel_ready_future(channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            reason = f"not ready after {timeout:g} s"
-            try:
-                channel.unary_unary(METHOD_STATUS)(b"", timeout=0.5, metadata=self._metadata,
-                                                   wait_for_ready=False)
-            except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.UNAVAILABLE:
-                    reason = _reason(e)
-            raise self._error(reason) from None
-
+    # -- failures ---------------------------------------------------------------
     def _fail_call(self, err: grpc.RpcError) -> ComponentError:
         if self._call is not None:
             self._call.close()

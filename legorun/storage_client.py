@@ -21,41 +21,16 @@ import grpc
 
 from legorun import wire
 from legorun.errors import ComponentError
+from legorun.grpc_base import CHANNEL_OPTIONS, ComponentClient, _reason  # noqa: F401 (re-exported)
 from legorun.stats import Latencies
 from legorun.proto import storage_pb2 as pb
 
 METHOD_CALL = "/legorun.storage.v1.Storage/Call"
 METHOD_STATUS = "/legorun.storage.v1.Storage/Status"
 
-# Kept equal to legorun_components.common (MAX_MESSAGE, keepalive).
-MAX_MESSAGE = 17 * 1024 * 1024
-CHANNEL_OPTIONS = (
-    ("grpc.max_receive_message_length", MAX_MESSAGE),
-    ("grpc.max_send_message_length", MAX_MESSAGE),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.enable_http_proxy", 0),
-    # gRPC shares subchannels between all channels of a process by default,
-    # so a fresh client would inherit another's reconnect backoff; and a
-    # restarted component should be reachable again within a second.
-    ("grpc.use_local_subchannel_pool", 1),
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-)
-
 _END = object()
 
-# Request.op fields: name -> (message class, key bytes of the field).
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+_varint = wire.varint
 
 
 # Request.op fields: name -> (message class, key of the length-delimited field).
@@ -87,26 +62,6 @@ def _identity(b: bytes) -> bytes:
     return b
 
 
-def _reason(err: grpc.RpcError) -> str:
-    """A short lowercase reason from a gRPC error."""
-    code = err.code() if hasattr(err, "code") else None
-    details = (err.details() if hasattr(err, "details") else None) or ""
-    low = details.lower()
-    for needle, text in (("connection refused", "connection refused"),
-                         ("no such file or directory", "no such socket (no such file or directory)"),
-                         ("permission denied", "permission denied"),
-                         ("socket closed", "connection closed"),
-                         ("connection reset", "connection reset"),
-                         ("broken pipe", "connection closed"),
-                         ("keepalive", "no answer to keepalive pings"),
-                         ("cancelling all calls", "server shut down")):
-        if needle in low:
-            return text
-    name = code.name.lower().replace("_", " ") if code is not None else "rpc failed"
-    details = " ".join(details.split())
-    return f"{name}: {details}" if details else name
-
-
 class _Stream:
     """One open Call stream: a queue feeding gRPC's request iterator and the
     response iterator read by the caller."""
@@ -124,7 +79,7 @@ class _Stream:
         self.responses.cancel()
 
 
-class StorageClient:
+class StorageClient(ComponentClient):
     """A client of one sComponent, over one lazily opened bidi stream.
 
     Thread-safe: concurrent call()/pipeline() are serialized (each holds the
@@ -133,11 +88,8 @@ class StorageClient:
 
     def __init__(self, address: str, token: str | None = None, tls_ca: str | None = None,
                  name: str = "sComponent"):
-        self.address = address
-        self.name = name
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        self._tls_ca = tls_ca
-        self._channel: grpc.Channel | None = None
+        super().__init__(address, name,
+                         (("authorization", f"Bearer {token}"),) if token else (), tls_ca)
         self._stream: _Stream | None = None
         self._data: _Stream | None = None  # the raw data path (legorun.wire)
         self._lock = threading.Lock()
@@ -145,40 +97,7 @@ class StorageClient:
         # op -> [count, errors, seconds, bytes_sent, bytes_received]
         self._stats: dict[str, list] = {}
 
-    # -- connection -------------------------------------------------------
-    def _error(self, reason: str, code: grpc.StatusCode | None = None) -> ComponentError:
-        return ComponentError(self.name, self.address, reason, code)
-
-    def _get_channel(self) -> grpc.Channel:
-        if self._channel is None:
-            if self._tls_ca:
-                try:
-                    with open(self._tls_ca, "rb") as f:
-                        ca = f.read()
-                except OSError as e:
-                    raise self._error(f"cannot read TLS CA {self._tls_ca}: {e.strerror}") from None
-                creds = grpc.ssl_channel_credentials(root_certificates=ca)
-                self._channel = grpc.secure_channel(self.address, creds, options=CHANNEL_OPTIONS)
-            else:
-                self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-        return self._channel
-
-    def connect(self, timeout: float = 5.0) -> None:
-        """Wait until the channel is ready; raises ComponentError otherwise.
-        (It does not check the token: the first call does.)"""
-        channel = self._get_channel()
-        try:
-            grpc.channel_ready_future(channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            # Ask gRPC why: a fail-fast call reports the last connect error.
-            reason = f"not ready after {timeout:g} s"
-            try:
-                channel.unary_unary(METHOD_STATUS)(b"", timeout=0.5, metadata=self._metadata,
-                                                   wait_for_ready=False)
-            except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.UNAVAILABLE:
-                    reason = _reason(e)
-            raise self._error(reason) from None
+    METHOD_STATUS = METHOD_STATUS
 
     def _get_stream(self) -> _Stream:
         if self._stream is None:

@@ -27,3 +27,13 @@ REQ = struct.Struct("<QBxHIQ")
 REP = struct.Struct("<QiIQ")
 
 MAX_FRAME_DATA = 16 * 1024 * 1024
+
+
+def varint(n: int) -> bytes:
+    """A protobuf base-128 varint (for framing protobuf messages by hand)."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)

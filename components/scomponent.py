@@ -725,6 +725,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         common.die(f"cannot serve --root {args.root}: {e.strerror}")
     servicer = StorageServicer(root)
+    # Clients send modes with their own umask applied (Open.mode, Mkdir.mode):
+    # the server's must not take more bits away.
+    os.umask(0)
 
     def register(server: grpc.Server) -> list[str]:
         return [add_storage_to_server(servicer, server)]

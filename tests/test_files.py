@@ -431,3 +431,33 @@ def test_threads_open_and_use_remote_fds_concurrently(scomponent, tmp_path):
     for i in range(8):
         lines = open(f"{scomponent.root}/t{i}").read().splitlines()
         assert lines == [f"{i}:{n}" for n in range(200)]
+
+
+def test_sendfile_and_splice_between_remote_files_and_local_fds(scomponent):
+    script = textwrap.dedent("""
+        import os, socket
+        open('/lego/sf', 'wb').write(b'x' * 50000 + b'END')
+        a, b = socket.socketpair()
+        with open('/lego/sf', 'rb') as f:
+            n = a.sendfile(f)                       # remote file -> socket
+        a.close()
+        got = b''
+        while chunk := b.recv(65536):
+            got += chunk
+        print(n, len(got), got[-3:])
+        r, w = os.pipe()
+        fd = os.open('/lego/sf', os.O_RDONLY)
+        print(os.splice(fd, w, 100, offset_src=49990), os.read(r, 100)[-5:])
+        os.write(w, b'from the pipe')
+        out = os.open('/lego/sp', os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        print(os.splice(r, out, 13), open('/lego/sp').read())
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.bind('/lego/sock')
+        except OSError as e:
+            print('bind on the mount:', e.errno)
+    """)
+    r = legorun([PY, "-c", script], storage=scomponent.address)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["50003 50003 b'END'", "13 b'xxEND'", "13 from the pipe",
+                                     "bind on the mount: 95"]

@@ -1379,26 +1379,84 @@ def _copy_between(s, src, src_off, dst, dst_off, count):
     return n
 
 
+BOUNCE = 16 * 1024  # bytes a remote<->local copy moves per call (callers loop)
+NR_WRITE, NR_READ, NR_PREAD64 = NR["write"], NR["read"], NR["pread64"]
+
+
+def _to_local(s, t, src, offset: int, out_fd: int, count: int, advance):
+    """Copy from a remote file into a local fd (a socket, a pipe, a file): the
+    guest's call becomes write(out_fd, bytes legorun put on its stack)."""
+    data = _pull(s, src, offset, min(count, BOUNCE))
+    if not data:
+        return 0
+    addr = t.scratch(len(data), below=4096)
+    try:
+        t.poke(addr, data)
+    except OSError:
+        raise GuestError(E.EINVAL) from None
+
+    def finish(tracer, t, result):
+        if result > 0:
+            advance(result)
+        return result
+    return Rewrite(NR_WRITE, (out_fd, addr, len(data)), finish)
+
+
+def _from_local(s, t, in_fd: int, offset, dst, dst_offset, count: int, advance):
+    """Copy from a local fd into a remote file: the guest's call becomes a
+    read (or pread at `offset`) into its stack, which legorun then writes."""
+    n = min(count, BOUNCE)
+    addr = t.scratch(n, below=4096)
+    if offset is None:
+        call = (NR_READ, (in_fd, addr, n))
+    else:
+        call = (NR_PREAD64, (in_fd, addr, n, offset))
+
+    def finish(tracer, t, result):
+        if result <= 0:
+            return result
+        written, _ = _push(s, dst, dst_offset, t.read_bytes(addr, result))
+        advance(written)
+        return written
+    return Rewrite(call[0], call[1], finish)
+
+
+def _advance_dst(dst, n):
+    if not dst.flags & O_APPEND:
+        dst.offset += n
+
+
 def sys_sendfile(s, t, a):
+    """sendfile(out_fd, in_fd, *offset, count) with either side remote."""
     fds = t.process.fds
     out_fd, in_fd = s32(a[0]), s32(a[1])
     dst, src = fds.get(out_fd), fds.get(in_fd)
     if dst is None and src is None:
         return None
-    if dst is None or src is None:
+    if src is not None:
+        _readable(src)
+    if dst is not None:
+        _writable(dst)
+    off = struct.unpack("<q", t.read_bytes(a[2], 8))[0] if a[2] else None
+    if off is not None and off < 0:
         raise GuestError(E.EINVAL)
-    _readable(src)
-    _writable(dst)
-    if a[2]:
-        off = struct.unpack("<q", t.read_bytes(a[2], 8))[0]
-        n = _copy_between(s, src, off, dst, None if dst.flags & O_APPEND else dst.offset, a[3])
-        t.write_bytes(a[2], struct.pack("<q", off + n))
-    else:
-        n = _copy_between(s, src, src.offset, dst, None if dst.flags & O_APPEND else dst.offset, a[3])
-        src.offset += n
-    if not dst.flags & O_APPEND:
-        dst.offset += n
-    return n
+
+    def moved(n):
+        if a[2]:
+            t.write_bytes(a[2], struct.pack("<q", off + n))
+        elif src is not None:
+            src.offset += n
+        if dst is not None:
+            _advance_dst(dst, n)
+    dst_at = None if dst is None or dst.flags & O_APPEND else dst.offset
+    if src is not None and dst is not None:
+        n = _copy_between(s, src, src.offset if off is None else off, dst, dst_at, a[3])
+        moved(n)
+        return n
+    if src is not None:  # remote file -> local fd
+        return _to_local(s, t, src, src.offset if off is None else off, out_fd, a[3],
+                         lambda n: moved(n) if a[2] else setattr(src, "offset", src.offset + n))
+    return _from_local(s, t, in_fd, off, dst, dst_at, a[3], moved)
 
 
 def sys_copy_file_range(s, t, a):
@@ -1427,9 +1485,40 @@ def sys_copy_file_range(s, t, a):
 
 
 def sys_splice(s, t, a):
+    """splice(in, *off_in, out, *off_out, len, flags) between a pipe and a remote file."""
     fds = t.process.fds
-    if s32(a[0]) in fds or (s32(a[2]) in fds):
-        raise GuestError(E.EINVAL)
+    in_fd, out_fd = s32(a[0]), s32(a[2])
+    src, dst = fds.get(in_fd), fds.get(out_fd)
+    if src is None and dst is None:
+        return None
+    if src is not None and dst is not None:
+        raise GuestError(E.EINVAL)  # one end is always a pipe
+    if src is not None:
+        _readable(src)
+        off = struct.unpack("<q", t.read_bytes(a[1], 8))[0] if a[1] else src.offset
+
+        def advanced(n):
+            if a[1]:
+                t.write_bytes(a[1], struct.pack("<q", off + n))
+            else:
+                src.offset += n
+        return _to_local(s, t, src, off, out_fd, a[4], advanced)
+    _writable(dst)
+    off = struct.unpack("<q", t.read_bytes(a[3], 8))[0] if a[3] else None
+    at = None if dst.flags & O_APPEND else (off if off is not None else dst.offset)
+
+    def advanced_out(n):
+        if a[3]:
+            t.write_bytes(a[3], struct.pack("<q", off + n))
+        else:
+            _advance_dst(dst, n)
+    return _from_local(s, t, in_fd, None, dst, at, a[4], advanced_out)
+
+
+def sys_tee(s, t, a):
+    fds = t.process.fds
+    if s32(a[0]) in fds or s32(a[1]) in fds:
+        raise GuestError(E.EINVAL)  # tee joins two pipes
     return None
 
 

@@ -150,3 +150,25 @@ def sys_unshare(s, t, a):
                 proc.fs = proc.fs.copy()
         return result
     return Rewrite(NR["unshare"], a, finish)
+
+
+AF_UNIX = 1
+
+
+def sys_bind_or_connect(s, t, a):
+    """A Unix socket cannot live on a mount: bind or connect to a path there
+    is refused with EOPNOTSUPP (abstract and local paths run untouched)."""
+    length = a[2] & 0xFFFFFFFF
+    if length <= 2 or a[1] == 0:
+        return None
+    try:
+        head = t.read_bytes(a[1], min(length, 110))
+    except GuestError:
+        return None  # the kernel answers EFAULT itself
+    if int.from_bytes(head[:2], "little") != AF_UNIX or head[2] == 0:
+        return None
+    path = head[2:].split(b"\0", 1)[0]
+    from .files import resolve
+    if resolve(s, t, AT_FDCWD, path) is None:
+        return None
+    raise GuestError(E.EOPNOTSUPP)

@@ -135,8 +135,9 @@ class ConfinedRoot:
         self.fd = os.open(self.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def open(self, path: str, flags: int, mode: int = 0) -> int:
-        """openat2(root, path, flags, mode, RESOLVE_IN_ROOT); "" is the root.
-        The caller closes the returned fd."""
+        """openat2(root, path, flags, mode, RESOLVE_BENEATH); "" is the root.
+        `path` is wire text (legorun.wire). The caller closes the returned fd."""
+        path = wire.from_wire(path)
         how = _OpenHow(flags, mode, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
         if path.startswith("/"):
             path = path.lstrip("/")  # relative to the root, always
@@ -220,6 +221,7 @@ class ConfinedRoot:
         must not hand those to a *at call, which would resolve them
         relative to the parent without confinement.
         """
+        path = wire.from_wire(path)
         stripped = path.rstrip("/")
         head, _, name = stripped.rpartition("/")
         if path.endswith("/") and name:
@@ -373,7 +375,7 @@ class Operations:
         with self.root.fd_of(m.path, os.O_RDONLY | os.O_DIRECTORY | SERVER_OPEN) as fd:
             with os.scandir(fd) as it:
                 listing = sorted((os.fsencode(e.name), e) for e in it)
-        after = m.after.encode()
+        after = os.fsencode(wire.from_wire(m.after))
         start = bisect.bisect_right(listing, after, key=lambda item: item[0]) if after else 0
         out = reply.entries
         taken = 0
@@ -381,12 +383,7 @@ class Operations:
         while pos < len(listing) and taken < limit:
             raw, entry = listing[pos]
             pos += 1
-            try:
-                name = raw.decode()
-            except UnicodeDecodeError:
-                # Paths are proto3 strings (UTF-8): such a name cannot be sent.
-                log.warning("readdir %r: skipping a name that is not UTF-8: %r", m.path, raw)
-                continue
+            name = wire.name_to_wire(raw)
             try:
                 dtype = _dtype(entry)
             except FileNotFoundError:
@@ -469,7 +466,7 @@ class Operations:
         with self.root.parent_of(m.path) as (pfd, name):
             if not _plain_name(name):
                 raise _oserror(errno.EEXIST, m.path)
-            os.symlink(m.target, name, dir_fd=pfd)
+            os.symlink(wire.from_wire(m.target), name, dir_fd=pfd)
             _fill_attr(reply.attr, os.stat(name, dir_fd=pfd, follow_symlinks=False))
 
     def readlink(self, m: pb.Readlink, reply: pb.Reply) -> bytes:
@@ -603,9 +600,9 @@ class StorageServicer(pb_grpc.StorageServicer):
                         reply = data_reply(request.id, data)
                 except Redirected as e:
                     reply = pb.Reply(id=request.id, errno=errno.EXDEV)
-                    reply.redirect.link_dir = e.link_dir
-                    reply.redirect.target = e.target
-                    reply.redirect.rest = e.rest
+                    reply.redirect.link_dir = wire.to_wire(e.link_dir)
+                    reply.redirect.target = wire.to_wire(e.target)
+                    reply.redirect.rest = wire.to_wire(e.rest)
                 except OSError as e:
                     reply = pb.Reply(id=request.id, errno=e.errno or errno.EIO)
                 except (OverflowError, ValueError) as e:  # e.g. an offset beyond off_t

@@ -12,6 +12,8 @@ import os
 import posixpath
 import re
 import stat
+
+from .wire import from_wire, to_wire
 from dataclasses import dataclass
 
 
@@ -23,7 +25,8 @@ class Mount:
     storage: object = None  # set by the session: the client serving it
 
     def guest_name(self, rel: str) -> str:
-        return self.guest_path if not rel else f"{self.guest_path}/{rel}"
+        """The guest's path (a surrogate-escaped str) of `rel` (wire text)."""
+        return self.guest_path if not rel else f"{self.guest_path}/{from_wire(rel)}"
 
 
 _DOT_COMPONENT = re.compile(rb"/\.\.?(?:/|$)")
@@ -85,13 +88,15 @@ class MountTable:
                        cwd.startswith(m.guest_path + "/") for m in self.mounts)
 
     def match(self, abspath: str):
-        """(Mount, rel) if the normalized absolute path lies on a mount, else None."""
+        """(Mount, rel) if the normalized absolute path lies on a mount, else None.
+
+        rel is wire text (legorun.wire.to_wire): what the sComponent is sent."""
         for m in self.mounts:
             g = m.guest_path
             if abspath == g:
                 return m, ""
             if abspath.startswith(g) and (g == "/" or abspath[len(g)] == "/"):
-                return m, abspath[len(g):].lstrip("/")
+                return m, to_wire(abspath[len(g):].lstrip("/"))
         return None
 
     def by_dev(self, dev: int):
@@ -102,9 +107,10 @@ class MountTable:
 
 
 def join_rel(base: str, rel: str) -> str:
-    """Join a mount-relative base and a relative path, keeping '..' inside the mount."""
+    """Join a mount-relative base (wire text) and a relative guest path,
+    keeping '..' inside the mount; the result is wire text."""
     parts = [p for p in base.split("/") if p]
-    for comp in rel.split("/"):
+    for comp in to_wire(rel).split("/"):
         if comp in ("", "."):
             continue
         if comp == "..":

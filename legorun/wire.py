@@ -37,3 +37,27 @@ def varint(n: int) -> bytes:
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+# Paths on the wire are UTF-8 text (readable in grpcurl), but a Linux name is
+# bytes. A byte that is not part of valid UTF-8 travels as a code point of the
+# supplementary private-use plane, U+F0080..U+F00FF for bytes 0x80..0xFF, the
+# way Python's surrogateescape carries it as U+DC80..U+DCFF (which UTF-8 cannot
+# encode). Both sides convert at their edge: names are "wire text" in between.
+_TO_WIRE = {0xDC00 + b: 0xF0000 + b for b in range(0x80, 0x100)}
+_FROM_WIRE = {v: k for k, v in _TO_WIRE.items()}
+
+
+def to_wire(name: str) -> str:
+    """A surrogate-escaped str (os.fsdecode) as wire text."""
+    return name.translate(_TO_WIRE) if not name.isascii() else name
+
+
+def from_wire(name: str) -> str:
+    """Wire text back to a surrogate-escaped str (os.fsencode gives the bytes)."""
+    return name.translate(_FROM_WIRE) if not name.isascii() else name
+
+
+def name_to_wire(raw: bytes) -> str:
+    """Bytes of a file name as wire text."""
+    return to_wire(raw.decode("utf-8", "surrogateescape"))

@@ -461,3 +461,26 @@ def test_sendfile_and_splice_between_remote_files_and_local_fds(scomponent):
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["50003 50003 b'END'", "13 b'xxEND'", "13 from the pipe",
                                      "bind on the mount: 95"]
+
+
+def test_file_names_that_are_not_utf8_round_trip(scomponent):
+    script = textwrap.dedent("""
+        import os
+        name = b'/lego/caf\\xe9-\\xff.txt'
+        with open(name, 'wb') as f:
+            f.write(b'latin-1 name')
+        print(sorted(os.listdir(b'/lego')), open(name, 'rb').read(), os.stat(name).st_size)
+        os.rename(name, b'/lego/d\\xe9j\\xe0')
+        os.mkdir(b'/lego/dir\\x80')
+        os.symlink(b'/lego/d\\xe9j\\xe0', b'/lego/dir\\x80/link\\xfe')
+        print(os.readlink(b'/lego/dir\\x80/link\\xfe'), open(b'/lego/dir\\x80/link\\xfe', 'rb').read())
+        os.chdir(b'/lego/dir\\x80')
+        print(os.getcwdb())
+    """)
+    r = legorun([PY, "-c", script], storage=scomponent.address)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "[b'caf\\xe9-\\xff.txt'] b'latin-1 name' 12",
+        "b'/lego/d\\xe9j\\xe0' b'latin-1 name'",
+        "b'/lego/dir\\x80'"]
+    assert os.listdir(scomponent.root.encode()) and b"d\xe9j\xe0" in os.listdir(scomponent.root.encode())

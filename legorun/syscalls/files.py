@@ -191,8 +191,9 @@ class Redirected(Exception):
 
 
 def _redirect_path(mount, r) -> str:
-    base = r.target if r.target.startswith("/") else mount.guest_name(r.link_dir) + "/" + r.target
-    rest = r.rest.strip("/")
+    target = wire.from_wire(r.target)
+    base = target if target.startswith("/") else mount.guest_name(r.link_dir) + "/" + target
+    rest = wire.from_wire(r.rest).strip("/")
     path = normalize(base + ("/" + rest if rest else ""))
     return path + "/" if r.rest.endswith("/") and path != "/" else path
 
@@ -836,7 +837,8 @@ def snapshot(s, mount, rel: str) -> str:
     if cached is not None and cached[:2] == (attr.size, attr.mtime_ns):
         return cached[2]
     ofd = OpenFile(mount, rel, O_RDONLY)
-    local = os.path.join(s.snapshot_dir(), f"{len(s.snapshots)}-{os.path.basename(rel)}"[:200])
+    local = os.path.join(s.snapshot_dir(),
+                         f"{len(s.snapshots)}-{os.path.basename(wire.from_wire(rel))}"[:200])
     with open(local, "wb") as f:
         offset = 0
         while True:
@@ -1589,7 +1591,7 @@ def _dir_records(s, ofd, count: int, pack):
             if not ofd.path and entry.name == ATTIC:  # legorun's own, not the guest's
                 ofd.dir_after = entry.name
                 continue
-            rec = pack(entry.ino, ofd.dir_pos + 1, entry.type, os.fsencode(entry.name))
+            rec = pack(entry.ino, ofd.dir_pos + 1, entry.type, os.fsencode(wire.from_wire(entry.name)))
             if len(out) + len(rec) > count:
                 return out
             out += rec
@@ -1756,7 +1758,7 @@ def _symlink(s, t, target_addr, dirfd, path_addr):
     where = path_arg(s, t, dirfd, path_addr, follow=False)
     if where is None:
         return None
-    target = os.fsdecode(t.read_cstring(target_addr))
+    target = wire.to_wire(os.fsdecode(t.read_cstring(target_addr)))
     if not target:
         raise GuestError(E.ENOENT)
     mount, rel = where

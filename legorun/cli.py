@@ -27,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sComponent address: unix:/path or HOST:PORT (TCP needs --token)")
     p.add_argument("--mount", metavar="GUEST_PATH", action="append",
                    help="a guest path served by the sComponent (repeatable; default /lego)")
+    p.add_argument("--excache", metavar="SIZE",
+                   help="serve the guest's anonymous memory from an mComponent, keeping at most "
+                        "SIZE (K/M/G) of it resident per process (LegoOS's ExCache)")
+    p.add_argument("--mem", metavar="ADDR",
+                   help="the mComponent: unix:/path or HOST:PORT; without it, --excache starts a "
+                        "local one when first needed")
     p.add_argument("--token", default=os.environ.get("LEGORUN_TOKEN"),
                    help="shared token for components on TCP (default: $LEGORUN_TOKEN)")
     p.add_argument("--tls-ca", metavar="FILE", help="CA certificate to reach components over TLS")
@@ -85,6 +91,14 @@ def run_guest(args, command: list) -> int:
     except ValueError as e:
         print(f"legorun: {e}", file=sys.stderr)
         return 2
+    if args.excache or args.mem:
+        from .memwire import parse_size
+        try:
+            size = parse_size(args.excache or "256M")
+        except ValueError:
+            print(f"legorun: --excache {args.excache}: not a size (like 64M)", file=sys.stderr)
+            return 2
+        session.enable_memory(size, args.mem)
     try:
         session.trace = open_trace(args)
     except (OSError, ValueError) as e:
@@ -100,9 +114,10 @@ def run_guest(args, command: list) -> int:
         print(f"legorun: {e}", file=sys.stderr)
         return 2
     except FatalError as e:
+        from .errors import MemoryLost
         print(f"legorun: {e}", file=sys.stderr)
         session.close()
-        return 2
+        return 137 if isinstance(e, MemoryLost) else 2
     finally:
         pass
     report(session, args)
@@ -129,6 +144,10 @@ def report(session, args) -> None:
         session.trace.close()
     stats = session.stats.as_dict()
     stats["rpcs"] = session.rpc_stats()
+    if session.memory is not None:
+        stats["excache"] = dict(session.memory.stats.as_dict(),
+                                capacity_pages=session.memory.capacity)
+        stats["faults"] = session.memory.stats.faults
     # legorun has reaped only the guest's tree so far (embedded components are
     # stopped after this report), so its children's usage is the guest's.
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -160,6 +179,15 @@ def print_summary(stats: dict, out) -> None:
     if rusage:
         out.write(f"guest: user {rusage['utime']:.3f} s, sys {rusage['stime']:.3f} s, "
                   f"peak RSS {rusage['maxrss_kb'] / 1024:.1f} MiB\n")
+    ex = stats.get("excache")
+    if ex:
+        out.write(f"\nExCache: {ex['capacity_pages'] * 4096 / 2**20:.1f} MiB per process, peak "
+                  f"{ex['peak_resident'] * 4096 / 2**20:.1f} MiB resident; {ex['faults']} faults "
+                  f"({ex['zero_fills']} zero-filled, {ex['fetches']} fetched), "
+                  f"{ex['evictions']} evictions, {ex['writebacks']} write-backs"
+                  + (f", {ex['deferred']} evictions deferred" if ex['deferred'] else "")
+                  + (f"; {ex['made_local']} process(es) made local" if ex['made_local'] else "")
+                  + "\n")
     rpcs = stats.get("rpcs", {})
     if rpcs:
         out.write(f"\n{'component':<11} {'rpc':<16} {'calls':>8} {'errors':>7} {'p50 ms':>8} "
@@ -167,8 +195,12 @@ def print_summary(stats: dict, out) -> None:
         for comp, ops in rpcs.items():
             for op, v in sorted(ops.items(), key=lambda kv: -kv[1]["count"]):
                 out.write(f"{comp:<11} {op:<16} {v['count']:>8} {v['errors'] or '':>7} "
-                          f"{v.get('p50_ms', 0):>8.3f} {v.get('p99_ms', 0):>8.3f} "
+                          f"{_ms(v.get('p50_ms')):>8} {_ms(v.get('p99_ms')):>8} "
                           f"{_size(v['bytes_sent']):>10} {_size(v['bytes_received']):>10}\n")
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 def _size(n: float) -> str:

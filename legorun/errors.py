@@ -19,3 +19,8 @@ class ComponentError(Exception):
 
 class FatalError(Exception):
     """legorun must stop: a component cannot be reached (exit status 2)."""
+
+
+class MemoryLost(FatalError):
+    """The guest's memory cannot be served (mComponent gone or full): the guest
+    is killed as the OOM killer would, and legorun exits 137."""

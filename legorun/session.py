@@ -30,6 +30,8 @@ class Session:
         self.tls_ca = tls_ca
         self.stats = RunStats()
         self.trace = None           # legorun.trace.TraceWriter with --trace
+        self.memory = None          # legorun.memory.excache.MemoryManager with --excache/--mem
+        self._said = set()
         self.tracer = None          # set by the Tracer that runs this session
         self._client = None
         self._embedded = []
@@ -104,6 +106,8 @@ class Session:
         return self._snapshot_dir
 
     def close(self) -> None:
+        if self.memory is not None:
+            self.memory.close()
         if self._snapshot_dir is not None:
             import shutil
             shutil.rmtree(self._snapshot_dir, ignore_errors=True)
@@ -113,12 +117,43 @@ class Session:
             comp.stop()
 
     def rpc_stats(self) -> dict:
-        return {"sComponent": self._client.stats()} if self._client is not None else {}
+        out = {"sComponent": self._client.stats()} if self._client is not None else {}
+        if self.memory is not None and self.memory._client is not None:
+            out["mComponent"] = self.memory._client.stats()
+        return out
 
     # ---- user-facing one-liners
 
     def say(self, text: str) -> None:
         print(f"legorun: {text}", file=sys.stderr, flush=True)
+
+    def say_once(self, key, text: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            self.say(text)
+
+    def enable_memory(self, excache_bytes: int, address: str | None) -> None:
+        """Remote memory: an ExCache of `excache_bytes` per guest process, pages on
+        the mComponent at `address` (or one started here when first needed)."""
+        from .memory.excache import PAGE, MemoryManager
+
+        def connect():
+            from .memory_client import MemoryClient
+            addr = address
+            if addr is None:
+                comp = EmbeddedComponent("mcomponent", "legorun_components.mcomponent", [])
+                try:
+                    addr = comp.start(cpus=self.component_cpus())
+                except StartError as e:
+                    raise FatalError(str(e)) from None
+                self._embedded.append(comp)
+            client = MemoryClient(addr, token=self.token, tls_ca=self.tls_ca)
+            try:
+                client.connect()
+            except ComponentError as e:
+                raise FatalError(str(e)) from None
+            return client
+        self.memory = MemoryManager(excache_bytes // PAGE, connect)
 
     def on_guest_job_stop(self, sig: int) -> None:
         """The guest stopped for the terminal (Ctrl-Z): stop legorun with the same

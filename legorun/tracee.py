@@ -50,6 +50,8 @@ class Process:
     covered_fds: set = field(default_factory=set)  # fd numbers a stacked filter traps
     threads: set = field(default_factory=set)
     lock_files: set = field(default_factory=set)  # (mount, path) with fcntl locks of this process
+    excache: object = None     # legorun.memory.excache.ExCache when its memory is remote
+    excache_off: bool = False  # remote memory given up for this process (made local)
 
 
 class Thread:

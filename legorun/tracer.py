@@ -17,7 +17,7 @@ from .fdtable import FdTable
 from .kernel import ptrace as pt
 from .kernel import seccomp
 from .kernel.sysnums import NAMES, NR
-from .errors import FatalError
+from .errors import ComponentError, FatalError, MemoryLost
 from .tracee import FsState, GuestError, Process, Thread
 from .syscalls.base import Park, Rewrite
 from .syscalls import table
@@ -90,7 +90,7 @@ class Tracer:
     # ---- start
 
     def spawn(self, argv: list, env: dict | None = None) -> int:
-        program = table.base_filter()
+        program = table.base_filter(excache=self.session.memory is not None)
         saved = {s: signal.getsignal(s) for s in TERMINAL_SIGNALS}
         ready_r, ready_w = os.pipe()
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -143,6 +143,10 @@ class Tracer:
 
     def run(self) -> int:
         """Follow tracees until the last one is gone; returns the main guest's wait status."""
+        if self.session.memory is not None:
+            self._run_polling()
+            self._read_exec_error()
+            return self.main_status if self.main_status is not None else 0
         fast = _fast_path(self.session)
         wait = fast.wait if fast is not None else lambda: os.waitpid(-1, pt.WALL)
         threads = self.threads
@@ -180,6 +184,127 @@ class Tracer:
                 self._forget_thread(t)
 
     RETRY_S = 0.02
+
+    # ---- remote memory: tracee events and userfaultfd messages in one loop
+
+    def _run_polling(self) -> None:
+        """With --excache a thread blocked in a page fault makes no ptrace stop:
+        wait for tracee events (SIGCHLD, through a wake-up pipe) and for the
+        userfaultfds at once."""
+        import select
+        memory = self.session.memory
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        old_fd = signal.set_wakeup_fd(w)
+        old_handler = signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.pending_uffd = []
+        try:
+            while self.threads:
+                while True:
+                    try:
+                        tid, status = os.waitpid(-1, pt.WALL | os.WNOHANG)
+                    except ChildProcessError:
+                        return
+                    if tid == 0:
+                        break
+                    self._on_wait(tid, status)
+                for cache in list(memory.by_fd.values()):
+                    try:
+                        self._serve(cache)
+                    except ComponentError as e:
+                        self._kill_all()
+                        raise MemoryLost(f"{e}; the guest (pid {cache.pid}) was killed, as "
+                                         "the OOM killer would") from None
+                if self.parked:
+                    self._retry_parked()
+                if not self.threads:
+                    break
+                poller = select.poll()
+                poller.register(r, select.POLLIN)
+                for fd in memory.by_fd:
+                    poller.register(fd, select.POLLIN)
+                poller.poll(int(self.RETRY_S * 1000) if self.parked else 1000)
+                try:
+                    while os.read(r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+        finally:
+            signal.signal(signal.SIGCHLD, old_handler)
+            signal.set_wakeup_fd(old_fd)
+            os.close(r)
+            os.close(w)
+
+    def _kill_all(self) -> None:
+        for tid in list(self.threads):
+            try:
+                os.kill(tid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _serve(self, cache) -> None:
+        from .memory import uffd as U
+        queued, self.pending_uffd = self.pending_uffd, []
+        messages = [m for c, m in queued if c is cache] + list(cache.uffd.messages())
+        self.pending_uffd += [(c, m) for c, m in queued if c is not cache]
+        for event, a, b, c in messages:
+            if cache.uffd.fd < 0:
+                return  # made local or gone meanwhile
+            if event == U.UFFD_EVENT_PAGEFAULT:
+                cache.fault(self, b, c & 0xFFFFFFFF)
+            elif event == U.UFFD_EVENT_UNMAP:
+                cache.unmapped(a, b)
+            elif event == U.UFFD_EVENT_REMOVE:
+                cache.removed(a, b)
+            elif event == U.UFFD_EVENT_REMAP:
+                cache.remapped(a, b, c)
+
+    def wait_interrupt(self, tid: int, cache) -> bool:
+        """After PTRACE_INTERRUPT: wait until `tid` stops for it (True), or is gone.
+        Faults that come meanwhile (the kernel touching the guest's memory on
+        its way, e.g. its rseq area) are served."""
+        while True:
+            status = self._wait_serving(tid, cache, None)
+            if status is None or not os.WIFSTOPPED(status):
+                if status is not None:
+                    self._on_wait(tid, status)
+                return False
+            if (status >> 16) == pt.PTRACE_EVENT_STOP:
+                return True
+            sig = os.WSTOPSIG(status)
+            if (status >> 16) == 0 and sig not in (signal.SIGTRAP, SIGTRAP_SYSCALL):
+                self.threads[tid].pending_signal = sig
+            pt.cont(tid)
+
+    def wait_step(self, tid: int, cache, removing: tuple) -> None:
+        """After PTRACE_SINGLESTEP through an injected madvise: the madvise waits
+        until its REMOVE event is read, so read the userfaultfd meanwhile."""
+        status = self._wait_serving(tid, cache, removing)
+        if status is None or not os.WIFSTOPPED(status):
+            raise ProcessLookupError(tid)
+
+    def _wait_serving(self, tid: int, cache, removing):
+        """waitpid(tid) while serving `cache`'s userfaultfd (faults without
+        eviction; REMOVE events of `removing` are legorun's own)."""
+        import select
+        from .memory import uffd as U
+        while True:
+            try:
+                got, status = os.waitpid(tid, pt.WALL | os.WNOHANG)
+            except ChildProcessError:
+                return None
+            if got:
+                if os.WIFSTOPPED(status):
+                    self.stats.ptrace_stops += 1
+                return status
+            for m in list(cache.uffd.messages()):
+                if m[0] == U.UFFD_EVENT_REMOVE and removing and removing[0] <= m[1] \
+                        and m[2] <= removing[1]:
+                    continue  # our own drop
+                if m[0] == U.UFFD_EVENT_PAGEFAULT:
+                    cache.fault(self, m[2], m[3] & 0xFFFFFFFF, evict=False)
+                else:
+                    self.pending_uffd.append((cache, m))
+            select.select([cache.uffd.fd], [], [], 0.001)
 
     def _run_with_parked(self) -> None:
         """Some threads wait for a lock: wake up for tracee events or to retry them."""
@@ -457,6 +582,10 @@ class Tracer:
             if other is not t:
                 proc.threads.discard(other)
                 self.threads.pop(other.tid, None)
+        if proc.excache is not None:  # the old mm is gone with its userfaultfd
+            proc.excache.close()
+            proc.excache = None
+        proc.excache_off = False
         # execve unshares the fd table, then closes close-on-exec fds
         proc.fds = proc.fds.copy_private()
         for ofd in proc.fds.close_on_exec():
@@ -471,6 +600,9 @@ class Tracer:
             return
         proc.threads.discard(t)
         if not proc.threads:
+            if proc.excache is not None:
+                proc.excache.close()
+                proc.excache = None
             self.session.process_gone(proc)
             for ofd in proc.fds.drop_all():
                 self.session.release(ofd)

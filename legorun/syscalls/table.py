@@ -12,6 +12,7 @@ Trap kinds:
   mmap     stops only when mmap's fd argument is remote;
   remote   stops on every call, but only in processes that hold a remote fd
            (trapped by the per-fd filter);
+  excache  stops on every call, but only when the guest's memory is remote;
   deny     refused inside the filter with `errno`, without a stop.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Callable
 
 from ..kernel import seccomp as sc
 from ..kernel.sysnums import NR
-from . import files, process
+from . import files, memory, process
 
 LOCAL = "local kernel"
 STORAGE = "sComponent"
@@ -87,7 +88,7 @@ TABLE: list[Entry] = [
     _e("getdents64", "fd", files.sys_getdents64, note="names in byte order; '.' and '..' first"),
     _e("getdents", "fd", files.sys_getdents),
     _e("ioctl", "fd", files.sys_ioctl, serves=LEGORUN, note="FIONREAD answered; others ENOTTY, as for most regular files"),
-    _e("mmap", "mmap", files.sys_mmap, serves=LEGORUN, note="a remote file is mapped from a local snapshot taken at the mmap (read-only or MAP_PRIVATE); writable MAP_SHARED refused with ENODEV"),
+    _e("mmap", "mmap", memory.sys_mmap, serves=LEGORUN, note="a remote file is mapped from a local snapshot taken at the mmap (read-only or MAP_PRIVATE); writable MAP_SHARED refused with ENODEV"),
     # --- metadata by path
     _e("stat", "path", files.sys_stat),
     _e("lstat", "path", files.sys_lstat),
@@ -175,6 +176,11 @@ TABLE: list[Entry] = [
        note="a Unix socket path on a mount refused with EOPNOTSUPP"),
     _e("pidfd_getfd", "always", process.sys_pidfd_getfd, serves=LEGORUN,
        note="taking another process's remote fd refused with EOPNOTSUPP"),
+    _e("clone", "excache", memory.sys_new_task, serves=LOCAL,
+       note="with --excache: a process's memory is made local before it starts a thread or child"),
+    _e("clone3", "excache", memory.sys_new_task, serves=LOCAL, note="as clone"),
+    _e("fork", "excache", memory.sys_new_task, serves=LOCAL, note="as clone"),
+    _e("vfork", "excache", memory.sys_new_task, serves=LOCAL, note="as clone"),
     _e("io_uring_setup", "deny", None, serves=LEGORUN, errno=E.ENOSYS, note="io_uring would bypass interception"),
 ]
 
@@ -206,8 +212,9 @@ _RET_TRACE = sc.SECCOMP_RET_TRACE
 _RET_ALLOW = sc.SECCOMP_RET_ALLOW
 
 
-def base_filter() -> bytes:
-    """The filter installed before exec: path and fd-moving calls stop."""
+def base_filter(excache: bool = False) -> bytes:
+    """The filter installed before exec: path and fd-moving calls stop (and,
+    with remote memory, every mmap and the calls that start tasks)."""
     a = sc.Assembler()
     a.load(sc.OFF_ARCH)
     a.jeq(sc.AUDIT_ARCH_X86_64, jt=1, jf=0)
@@ -224,6 +231,9 @@ def base_filter() -> bytes:
         elif e.trap == "deny":
             a.jeq(nr, jt=0, jf=1)
             a.ret(sc.SECCOMP_RET_ERRNO | e.errno)
+        elif excache and (e.trap == "excache" or e.name == "mmap"):
+            a.jeq(nr, jt=0, jf=1)
+            a.ret(_RET_TRACE)
     a.ret(_RET_ALLOW)
     a.label("enosys")
     a.ret(sc.SECCOMP_RET_ERRNO | E.ENOSYS)
@@ -282,7 +292,8 @@ def compatibility_page() -> str:
     stops = {"path": "every call", "always": "every call", "fd": "only on a remote fd",
              "fstatat": "path form: every call; fd form: only on a remote fd",
              "mmap": "only on a remote fd", "deny": "never (refused in the filter)",
-             "remote": "every call, in a process holding a remote fd"}
+             "remote": "every call, in a process holding a remote fd",
+             "excache": "every call, with --excache; never otherwise"}
     for e in sorted(TABLE, key=lambda e: e.name):
         serves = e.serves if e.trap != "deny" else f"refused: {E.errorcode[e.errno]}"
         lines.append(f"| `{e.name}` | {stops[e.trap]} | {serves} | {e.note} |")

@@ -1,0 +1,1 @@
+"""Remote memory: the ExCache (pComponent side) over userfaultfd."""

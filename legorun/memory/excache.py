@@ -1,0 +1,312 @@
+"""The ExCache: a bounded set of a guest process's anonymous pages stays
+resident; the rest lives on the mComponent (LegoOS's pComponent cache).
+
+This first step covers the anonymous private mappings a process makes with
+mmap after it starts (malloc's large blocks, CPython's arenas), for a
+process with one thread: FIFO eviction (LegoOS's best), every evicted page
+written back (an all-zero one costs nothing), never-written pages zero-filled
+locally without an RPC. When the process starts a thread or a child, its
+remote pages are brought back and its memory is local from then on (said
+once): threads and fork come in the next step.
+
+Dropping a page needs madvise(MADV_DONTNEED) run by the guest itself: the
+faulting thread is interrupted (PTRACE_INTERRUPT) and single-stepped through
+a `syscall` instruction of its vDSO.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+from ..kernel import ptrace as pt
+from . import uffd as U
+
+PAGE = U.PAGE
+BATCH = 64                  # pages evicted together (one store, few madvise)
+NR_MADVISE = 28
+MADV_DONTNEED = 4
+FEATURES = U.UFFD_FEATURE_EVENT_REMAP | U.UFFD_FEATURE_EVENT_REMOVE | U.UFFD_FEATURE_EVENT_UNMAP \
+    | U.UFFD_FEATURE_THREAD_ID
+
+
+class MemoryStats:
+    def __init__(self) -> None:
+        self.faults = 0          # page faults served
+        self.zero_fills = 0      # served locally: never written before
+        self.fetches = 0         # served from the mComponent
+        self.evictions = 0       # pages dropped from the ExCache
+        self.writebacks = 0      # evicted pages stored (all-zero ones skipped)
+        self.deferred = 0        # evictions put off: the fault came from inside a syscall
+        self.peak_resident = 0
+        self.processes = 0       # processes whose memory was remote
+        self.made_local = 0      # processes that went local (thread or child)
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def find_syscall_insn(pid: int) -> int:
+    """The address of a `syscall` instruction (0f 05) in the guest's vDSO."""
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            if line.rstrip().endswith("[vdso]"):
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                break
+        else:
+            raise OSError("no vDSO")
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+    try:
+        code = os.pread(fd, hi - lo, lo)
+    finally:
+        os.close(fd)
+    at = code.find(b"\x0f\x05")
+    if at < 0:
+        raise OSError("no syscall instruction in the vDSO")
+    return lo + at
+
+
+class ExCache:
+    """One process's (one mm's) resident pages, evicted pages and regions."""
+
+    def __init__(self, manager, pid: int, uffd: U.Userfaultfd, space: bytes, insn: int) -> None:
+        self.manager = manager
+        self.pid = pid
+        self.uffd = uffd
+        self.space = space
+        self.insn = insn
+        self.resident: OrderedDict = OrderedDict()   # page -> None, oldest first
+        self.stored: set = set()                     # pages whose data is on the mComponent
+        self.regions: list = []                      # [start, end, mapped on the mComponent]
+        self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDWR)
+
+    # ---- regions
+
+    def register(self, start: int, length: int) -> None:
+        length = (length + PAGE - 1) & ~(PAGE - 1)
+        self.uffd.register(start, length)
+        self.regions.append([start, start + length, False])
+
+    def _region(self, page: int):
+        for r in self.regions:
+            if r[0] <= page < r[1]:
+                return r
+        # a region that grew in place (mremap, brk-like growth): ask the kernel
+        with open(f"/proc/{self.pid}/maps") as f:
+            for line in f:
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                if lo <= page < hi:
+                    region = [lo, hi, False]
+                    self.regions = [r for r in self.regions if r[1] <= lo or hi <= r[0]]
+                    self.regions.append(region)
+                    return region
+        return None
+
+    def _forget(self, start: int, end: int) -> None:
+        for page in [p for p in self.resident if start <= p < end]:
+            del self.resident[page]
+        self.stored = {p for p in self.stored if not start <= p < end}
+
+    def unmapped(self, start: int, end: int) -> None:
+        self._forget(start, end)
+        client = self.manager.client()
+        kept = []
+        for r in self.regions:
+            if r[1] <= start or end <= r[0]:
+                kept.append(r)
+                continue
+            if r[2]:
+                client.unmap(self.space, max(r[0], start), min(r[1], end) - max(r[0], start))
+            if r[0] < start:
+                kept.append([r[0], start, r[2]])
+            if end < r[1]:
+                kept.append([end, r[1], r[2]])
+        self.regions = kept
+
+    def removed(self, start: int, end: int) -> None:
+        """madvise(DONTNEED/FREE) by the guest: the range reads as zeros."""
+        mapped = any(r[2] and r[0] < end and start < r[1] for r in self.regions)
+        if mapped and any(start <= p < end for p in self.stored):
+            self.manager.client().discard(self.space, start, end - start)
+        self._forget(start, end)
+
+    def remapped(self, old: int, new: int, length: int) -> None:
+        """mremap moved [old, old+length) to new: its pages move with it."""
+        delta = new - old
+        moved = OrderedDict()
+        for page in list(self.resident):
+            if old <= page < old + length:
+                del self.resident[page]
+                moved[page + delta] = None
+        self.resident.update(moved)
+        self.stored = {p + delta if old <= p < old + length else p for p in self.stored}
+        region = self._region(old)
+        if region is not None and region[2]:
+            self.manager.client().remap(self.space, old, length, new, length)
+        self.regions = [r for r in self.regions if not (r[0] >= old and r[1] <= old + length)]
+        self.regions.append([new, new + length, region is not None and region[2]])
+
+    # ---- faults
+
+    def fault(self, tracer, address: int, tid: int, evict: bool = True) -> None:
+        """Serve a missing page: from the mComponent if it was evicted, else
+        zeros. A page legorun believes resident may fault again (a signal woke
+        the thread, or the page was dropped while this fault waited): serving
+        it again is harmless (EEXIST just wakes the thread)."""
+        page = address & ~(PAGE - 1)
+        stats = self.manager.stats
+        stopped = False
+        if evict and page not in self.resident and len(self.resident) >= self.manager.capacity:
+            stopped = self._make_room(tracer, tid)
+        if page in self.stored:
+            data = self.manager.client().fetch(self.space, [page])[0] or bytes(PAGE)
+            stats.fetches += 1
+        else:
+            data = None
+            stats.zero_fills += 1
+        served = self.uffd.copy(page, data) if data is not None else self.uffd.zero(page)
+        if not served:
+            self.uffd.wake(page, PAGE)
+        self.resident[page] = None
+        stats.faults += 1
+        stats.peak_resident = max(stats.peak_resident, len(self.resident))
+        if stopped:
+            pt.cont(tid)
+
+    def _make_room(self, tracer, tid: int) -> bool:
+        """Evict a batch; True if the thread was stopped for it (resume it)."""
+        try:
+            with open(f"/proc/{tid}/syscall") as f:
+                state = f.read().split()[0]
+        except OSError:
+            return False
+        if state != "-1":  # inside a syscall (a kernel fault) or running: later
+            self.manager.stats.deferred += 1
+            return False
+        pt.interrupt(tid)
+        if not tracer.wait_interrupt(tid, self):
+            return False
+        victims = list(self.resident)[:BATCH]
+        self.evict(tracer, tid, victims)
+        return True
+
+    def evict(self, tracer, tid: int, victims: list) -> None:
+        """Write back and drop these resident pages; `tid` is stopped."""
+        stats = self.manager.stats
+        client = self.manager.client()
+        stores, zeros = [], []
+        zero = bytes(PAGE)
+        for page in victims:
+            data = os.pread(self.mem_fd, PAGE, page)
+            if data == zero:
+                zeros.append(page)
+            else:
+                stores.append((page, data))
+        for page, _ in stores:
+            region = self._region(page)
+            if region is not None and not region[2]:
+                client.map(self.space, region[0], region[1] - region[0], if_absent=True)
+                for r in self.regions:  # regions merged by the kernel: all recorded now
+                    if region[0] <= r[0] and r[1] <= region[1]:
+                        r[2] = True
+                region[2] = True
+        if stores:
+            client.store(self.space, stores)
+            stats.writebacks += len(stores)
+        # the books first: a victim that faults while it is being dropped is
+        # served from what was just stored
+        for page in victims:
+            self.resident.pop(page, None)
+        self.stored.update(p for p, _ in stores)
+        self.stored.difference_update(zeros)
+        stats.evictions += len(victims)
+        for start, length in _runs(sorted(victims)):
+            self._madvise(tracer, tid, start, length)
+
+    def _madvise(self, tracer, tid: int, start: int, length: int) -> None:
+        regs = pt.getregs(tid)
+        saved = pt.user_regs_struct()
+        pt.ctypes.pointer(saved)[0] = regs
+        regs.rip = self.insn
+        regs.rax = NR_MADVISE
+        regs.rdi, regs.rsi, regs.rdx = start, length, MADV_DONTNEED
+        pt.setregs(tid, regs)
+        try:
+            pt.singlestep(tid)
+            tracer.wait_step(tid, self, (start, start + length))
+        finally:
+            pt.setregs(tid, saved)
+
+    # ---- going local, and the end
+
+    def make_local(self) -> None:
+        """Bring every remote page back and stop following this process's memory
+        (it is about to start a thread or a child; it is stopped)."""
+        client = self.manager.client()
+        pages = sorted(self.stored)
+        for i in range(0, len(pages), 512):
+            chunk = pages[i:i + 512]
+            for page, data in zip(chunk, client.fetch(self.space, chunk)):
+                self.uffd.copy(page, data or bytes(PAGE))
+        for start, end, _ in self.regions:
+            try:
+                self.uffd.unregister(start, end - start)
+            except OSError:
+                pass  # unmapped meanwhile
+        self.manager.stats.made_local += 1
+        self.close()
+
+    def close(self) -> None:
+        if self.mem_fd >= 0:
+            os.close(self.mem_fd)
+            self.mem_fd = -1
+        self.manager.forget(self)
+        self.uffd.close()
+        try:
+            self.manager.client().free_space(self.space)
+        except Exception:  # noqa: BLE001 - the component may be gone; its lease frees it
+            pass
+
+
+def _runs(pages: list):
+    """Contiguous runs of sorted page addresses as (start, length)."""
+    start = prev = None
+    for p in pages:
+        if start is None:
+            start = prev = p
+        elif p == prev + PAGE:
+            prev = p
+        else:
+            yield start, prev + PAGE - start
+            start = prev = p
+    if start is not None:
+        yield start, prev + PAGE - start
+
+
+class MemoryManager:
+    """The run's remote memory: the mComponent client, the budget, the caches."""
+
+    def __init__(self, capacity_pages: int, connect) -> None:
+        self.capacity = max(capacity_pages, BATCH * 2)
+        self._connect = connect     # () -> MemoryClient, started on first use
+        self._client = None
+        self.by_fd: dict = {}       # uffd fd -> ExCache
+        self.stats = MemoryStats()
+        self.said = set()
+
+    def client(self):
+        if self._client is None:
+            self._client = self._connect()
+        return self._client
+
+    def add(self, cache: ExCache) -> None:
+        self.by_fd[cache.uffd.fd] = cache
+        self.stats.processes += 1
+
+    def forget(self, cache: ExCache) -> None:
+        self.by_fd.pop(cache.uffd.fd, None)
+
+    def close(self) -> None:
+        for cache in list(self.by_fd.values()):
+            cache.close()
+        if self._client is not None:
+            self._client.close()

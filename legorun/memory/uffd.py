@@ -1,0 +1,111 @@
+"""userfaultfd(2): ioctls, message parsing, names as in <linux/userfaultfd.h>."""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import struct
+
+UFFD_API = 0xAA
+PAGE = 4096
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (UFFD_API << 8) | nr
+
+
+_IOWR, _IOR = 3, 2
+UFFDIO_API = _ioc(_IOWR, 0x3F, 24)
+UFFDIO_REGISTER = _ioc(_IOWR, 0x00, 32)
+UFFDIO_UNREGISTER = _ioc(_IOR, 0x01, 16)
+UFFDIO_WAKE = _ioc(_IOR, 0x02, 16)
+UFFDIO_COPY = _ioc(_IOWR, 0x03, 40)
+UFFDIO_ZEROPAGE = _ioc(_IOWR, 0x04, 32)
+
+UFFDIO_REGISTER_MODE_MISSING = 1
+
+UFFD_FEATURE_EVENT_REMAP = 1 << 2
+UFFD_FEATURE_EVENT_REMOVE = 1 << 3
+UFFD_FEATURE_EVENT_UNMAP = 1 << 6
+UFFD_FEATURE_THREAD_ID = 1 << 8
+
+UFFD_EVENT_PAGEFAULT = 0x12
+UFFD_EVENT_FORK = 0x13
+UFFD_EVENT_REMAP = 0x14
+UFFD_EVENT_REMOVE = 0x15
+UFFD_EVENT_UNMAP = 0x16
+UFFD_PAGEFAULT_FLAG_WRITE = 1
+
+MSG = struct.Struct("<B7xQQQ")  # event, then the union as three u64
+NR_USERFAULTFD = 323
+NR_PIDFD_OPEN = 434
+NR_PIDFD_GETFD = 438
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class Userfaultfd:
+    """legorun's copy of a guest's userfaultfd (taken with pidfd_getfd)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._copy = bytearray(40)
+        self._zero = bytes(PAGE)
+
+    @classmethod
+    def take(cls, pid: int, guest_fd: int) -> "Userfaultfd":
+        pidfd = _libc.syscall(NR_PIDFD_OPEN, pid, 0)
+        if pidfd < 0:
+            raise OSError(ctypes.get_errno(), "pidfd_open")
+        try:
+            fd = _libc.syscall(NR_PIDFD_GETFD, pidfd, guest_fd, 0)
+            if fd < 0:
+                raise OSError(ctypes.get_errno(), "pidfd_getfd")
+        finally:
+            os.close(pidfd)
+        os.set_blocking(fd, False)
+        return cls(fd)
+
+    def api(self, features: int) -> None:
+        buf = bytearray(struct.pack("<QQQ", UFFD_API, features, 0))
+        fcntl.ioctl(self.fd, UFFDIO_API, buf)
+
+    def register(self, start: int, length: int) -> None:
+        buf = bytearray(struct.pack("<QQQQ", start, length, UFFDIO_REGISTER_MODE_MISSING, 0))
+        fcntl.ioctl(self.fd, UFFDIO_REGISTER, buf)
+
+    def unregister(self, start: int, length: int) -> None:
+        fcntl.ioctl(self.fd, UFFDIO_UNREGISTER, bytearray(struct.pack("<QQ", start, length)))
+
+    def copy(self, dst: int, data: bytes) -> bool:
+        """Map a page with these contents (and wake the faulting thread);
+        False if a page was already there (a raced, repeated fault)."""
+        src = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+        struct.pack_into("<QQQQq", self._copy, 0, dst, src, len(data), 0, 0)
+        try:
+            fcntl.ioctl(self.fd, UFFDIO_COPY, self._copy)
+        except FileExistsError:
+            return False
+        return True
+
+    def zero(self, dst: int) -> bool:
+        return self.copy(dst, self._zero)
+
+    def wake(self, start: int, length: int) -> None:
+        fcntl.ioctl(self.fd, UFFDIO_WAKE, bytearray(struct.pack("<QQ", start, length)))
+
+    def messages(self):
+        """Every message waiting now, as (event, a, b, c) tuples."""
+        while True:
+            try:
+                raw = os.read(self.fd, MSG.size * 64)
+            except BlockingIOError:
+                return
+            for off in range(0, len(raw), MSG.size):
+                yield MSG.unpack_from(raw, off)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

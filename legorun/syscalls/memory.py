@@ -1,0 +1,95 @@
+"""Memory syscalls legorun follows when the guest's memory is remote (--excache)."""
+from __future__ import annotations
+
+import errno as E
+
+from ..kernel.sysnums import NR
+from ..memory import uffd as U
+from ..memory.excache import FEATURES, ExCache, find_syscall_insn
+from .base import Rewrite, s32
+from . import files
+
+MAP_PRIVATE = 0x02
+MAP_TYPE = 0x0F
+MAP_ANONYMOUS = 0x20
+MAP_GROWSDOWN = 0x100
+MAP_HUGETLB = 0x40000
+O_CLOEXEC = 0o2000000
+O_NONBLOCK = 0o4000
+NR_MMAP = NR["mmap"]
+NR_CLOSE = NR["close"]
+
+
+def _remote_anonymous(s, a) -> bool:
+    flags = s32(a[3])
+    return (s.memory is not None and flags & MAP_ANONYMOUS
+            and flags & MAP_TYPE == MAP_PRIVATE and not flags & (MAP_GROWSDOWN | MAP_HUGETLB)
+            and a[1] > 0)
+
+
+def sys_mmap(s, t, a):
+    """File mappings of remote fds (files.sys_mmap), or anonymous memory to
+    register with the process's ExCache."""
+    if not (s32(a[3]) & MAP_ANONYMOUS):
+        return files.sys_mmap(s, t, a)
+    if not _remote_anonymous(s, a):
+        return None
+    proc = t.process
+    if proc.excache is None:
+        if proc.excache_off:
+            return None
+        return Rewrite(U.NR_USERFAULTFD, (O_CLOEXEC | O_NONBLOCK,), _setup(s, a))
+    return Rewrite(NR_MMAP, a, _registered(s, a))
+
+
+def _registered(s, a):
+    def finish(tracer, t, result):
+        cache = t.process.excache
+        if result >= 0 and cache is not None:
+            cache.register(result, a[1])
+        return result
+    return finish
+
+
+def _setup(s, a):
+    """At the first anonymous mmap: make the process's userfaultfd (in the
+    guest, so it is bound to its mm), take a copy, then run the mmap."""
+    def finish(tracer, t, guest_fd):
+        proc = t.process
+        if guest_fd < 0:
+            proc.excache_off = True
+            s.say_once("uffd", f"cannot serve the guest's memory remotely: userfaultfd failed "
+                               f"({E.errorcode.get(-guest_fd, guest_fd)}); it stays local")
+        else:
+            try:
+                uffd = U.Userfaultfd.take(proc.pid, guest_fd)
+                uffd.api(FEATURES)
+                insn = find_syscall_insn(proc.pid)
+                space = s.memory.client().create_space()
+            except OSError as e:
+                proc.excache_off = True
+                s.say_once("uffd", f"cannot serve the guest's memory remotely ({e}); it stays local")
+                uffd = None
+            tracer.inject_syscall(t, NR_CLOSE, (guest_fd,))
+            if uffd is not None:
+                proc.excache = ExCache(s.memory, proc.pid, uffd, space, insn)
+                s.memory.add(proc.excache)
+        result = tracer.inject_syscall(t, NR_MMAP, a)
+        if result >= 0 and proc.excache is not None:
+            proc.excache.register(result, a[1])
+        return result
+    return finish
+
+
+def sys_new_task(s, t, a):
+    """clone/clone3/fork/vfork: threads and children come in the next step, so
+    the process's memory is brought back and stays local from now on."""
+    proc = t.process
+    if proc.excache is not None:
+        proc.excache.make_local()
+        proc.excache = None
+        proc.excache_off = True
+        s.say_once(f"local{proc.pid}", f"pid {proc.pid} starts a thread or a child process: its "
+                                       "memory is local from now on (remote memory covers "
+                                       "single-threaded processes for now)")
+    return None

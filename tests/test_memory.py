@@ -1,0 +1,204 @@
+"""Remote memory: a real mComponent, real guests, an ExCache far smaller than their memory."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from conftest import compile_c, legorun, native
+from legorun.memory_client import MemoryClient
+
+PY = sys.executable
+
+PATTERN_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+int main(int argc, char **argv) {
+    size_t n = (size_t)atoi(argv[1]) << 20;
+    int passes = atoi(argv[2]);
+    unsigned char *p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    size_t bad = 0;
+    for (int pass = 0; pass < passes; pass++) {
+        for (size_t i = 0; i < n; i += 64) p[i] = (unsigned char)((i >> 6) * 7 + pass);
+        for (size_t i = 0; i < n; i += 64) bad += p[i] != (unsigned char)((i >> 6) * 7 + pass);
+    }
+    printf("bad %zu\n", bad);
+    return bad != 0;
+}
+"""
+
+
+@pytest.fixture
+def mcomponent(tmp_path):
+    address = f"unix:{tmp_path}/m.sock"
+    proc = subprocess.Popen([PY, "-m", "legorun_components.mcomponent", "--listen", address,
+                             "--lease", "1s"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().decode().startswith("listening on")
+    yield address
+    proc.terminate()
+    proc.wait(10)
+
+
+def _held(address):
+    with MemoryClient(address) as c:
+        st = c.status()
+    return st.spaces, st.pages
+
+
+def test_guest_writing_8x_the_excache_reads_back_every_byte_within_the_bound(mcomponent, tmp_path):
+    exe = compile_c(tmp_path, "pattern", PATTERN_C)
+    cmd = [PY, "-m", "legorun", "--mem", mcomponent, "--excache", "1M",
+           "--stats-json", str(tmp_path / "s.json"), "--", exe, "8", "3"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    launcher = psutil.Process(p.pid)
+    while p.poll() is None:  # sample the guest's RssAnon while it runs
+        for child in launcher.children():
+            try:
+                if os.readlink(f"/proc/{child.pid}/exe") != exe:
+                    continue  # not exec'd yet: still a copy of legorun's Python
+                with open(f"/proc/{child.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("RssAnon:"):
+                            peak = max(peak, int(line.split()[1]))
+            except OSError:
+                pass
+        time.sleep(0.005)
+    out, err = p.communicate()
+    assert p.returncode == 0, err
+    assert out == "bad 0\n"
+    # 1 MiB of ExCache plus a documented slack (libc's own data, the stack, brk heap)
+    assert 0 < peak <= 1024 + 1024, peak
+    import json
+    stats = json.loads((tmp_path / "s.json").read_text())
+    ex = stats["excache"]
+    assert ex["evictions"] > 0 and ex["fetches"] > 0 and ex["zero_fills"] >= 2048
+    assert ex["peak_resident"] <= ex["capacity_pages"]
+    assert _held(mcomponent) == (0, 0)  # the space was freed with the guest
+
+
+def test_a_run_without_memory_options_makes_no_memory_rpc(tmp_path):
+    r = legorun([PY, "-c", "print(sum(range(10**6)))"], stats_file=tmp_path / "s.json")
+    assert r.stdout == "499999500000\n"
+    assert "excache" not in r.stats and "mComponent" not in r.stats["rpcs"]
+
+
+KERNEL_C = r"""
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#define MB (1 << 20)
+static void fill(unsigned char *p, size_t n, int seed) { for (size_t i = 0; i < n; i++) p[i] = (unsigned char)(i * 13 + seed); }
+static size_t check(unsigned char *p, size_t n, int seed) { size_t bad = 0; for (size_t i = 0; i < n; i++) bad += p[i] != (unsigned char)(i * 13 + seed); return bad; }
+int main(int argc, char **argv) {
+    size_t n = 4 * MB;
+    unsigned char *a = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    unsigned char *b = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    fill(a, n, 1);
+    fill(b, n, 2);                                  /* a is evicted by now */
+    /* write(2) from an evicted buffer, read(2) into one: the kernel's own faults */
+    int fd = open(argv[1], O_RDWR | O_CREAT | O_TRUNC, 0600);
+    printf("write %zd\n", write(fd, a, n));
+    fill(b, n, 3);
+    lseek(fd, 0, SEEK_SET);
+    printf("read %zd\n", read(fd, b, n));
+    printf("b now holds a: bad %zu\n", check(b, n, 1));
+    /* madvise(DONTNEED) reads zeros, evicted pages included */
+    madvise(a, MB, MADV_DONTNEED);
+    size_t nonzero = 0;
+    for (size_t i = 0; i < MB; i++) nonzero += a[i] != 0;
+    printf("after DONTNEED nonzero %zu, rest bad %zu\n", nonzero, check(a + MB, n - MB, 1));
+    /* mremap growth (what realloc does) keeps the contents */
+    fill(a, n, 4);
+    unsigned char *g = mremap(a, n, 3 * n, MREMAP_MAYMOVE);
+    fill(b, n, 5);
+    printf("after mremap bad %zu\n", check(g, n, 4));
+    memset(g + n, 7, 2 * n);
+    size_t bad7 = 0;
+    for (size_t i = n; i < 3 * n; i++) bad7 += g[i] != 7;
+    printf("grown part bad %zu\n", bad7);
+    /* part of a region unmapped, the rest intact */
+    munmap(g, MB);
+    printf("after munmap bad %zu\n", check(g + MB, n - MB, 4));
+    /* a child sees the parent's memory as of the fork, evicted pages included */
+    fill(b, n, 6);
+    pid_t pid = fork();
+    if (pid == 0) {
+        size_t bad = check(b, n, 6);
+        fill(b, n, 8);
+        printf("child bad %zu\n", bad);
+        _exit(0);
+    }
+    waitpid(pid, NULL, 0);
+    printf("parent still bad %zu\n", check(b, n, 6));
+    return 0;
+}
+"""
+
+
+def test_kernel_accesses_madvise_mremap_munmap_and_fork_keep_memory_right(mcomponent, tmp_path):
+    exe = compile_c(tmp_path, "kernel", KERNEL_C, flags=("-w",))
+    want = native([exe, str(tmp_path / "native.bin")])
+    r = subprocess.run([PY, "-m", "legorun", "--mem", mcomponent, "--excache", "1M", "--", exe,
+                        str(tmp_path / "guest.bin")], capture_output=True, text=True, timeout=300)
+    assert want.returncode == 0
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want.stdout
+    assert "bad 0" in r.stdout and "nonzero 0" in r.stdout
+    assert "memory is local from now on" in r.stderr  # fork: the next step will keep it remote
+    assert _held(mcomponent) == (0, 0)
+
+
+PY_GUEST = textwrap.dedent("""
+    import random
+    random.seed(7)
+    data = bytearray(random.randbytes(8 << 20))
+    total = sum(data[i] for i in range(0, len(data), 4096))
+    recs = [(i, float(i) * 1.5, str(i)) for i in range(40000)]
+    floats = sorted(random.random() for _ in range(60000))
+    print(total, sum(r[1] for r in recs), round(floats[100], 6))
+""")
+
+
+def test_python_guest_with_an_excache_a_quarter_of_its_data_prints_what_it_prints_natively(
+        mcomponent):
+    want = native([PY, "-c", PY_GUEST])
+    r = subprocess.run([PY, "-m", "legorun", "--mem", mcomponent, "--excache", "4M", "--", PY,
+                        "-c", PY_GUEST], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want.stdout
+
+
+def test_spaces_of_a_killed_legorun_are_freed_after_the_lease(mcomponent, tmp_path):
+    exe = compile_c(tmp_path, "pattern", PATTERN_C)
+    p = subprocess.Popen([PY, "-m", "legorun", "--mem", mcomponent, "--excache", "1M", "--", exe,
+                          "8", "200"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and _held(mcomponent)[1] == 0:
+        time.sleep(0.1)
+    assert _held(mcomponent)[0] == 1
+    p.kill()
+    p.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and _held(mcomponent) != (0, 0):
+        time.sleep(0.2)
+    assert _held(mcomponent) == (0, 0)
+
+
+def test_unreachable_mcomponent_is_one_line_and_status_2(tmp_path):
+    r = subprocess.run([PY, "-m", "legorun", "--mem", f"unix:{tmp_path}/none.sock", "--", PY, "-c",
+                        "x = bytearray(1 << 20)"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "mComponent" in lines[0], r.stderr

@@ -222,7 +222,8 @@ class Tracer:
                 poller.register(r, select.POLLIN)
                 for fd in memory.by_fd:
                     poller.register(fd, select.POLLIN)
-                poller.poll(int(self.RETRY_S * 1000) if self.parked else 1000)
+                poller.poll(1 if self.pending_uffd else
+                            int(self.RETRY_S * 1000) if self.parked else 1000)
                 try:
                     while os.read(r, 4096):
                         pass
@@ -250,7 +251,8 @@ class Tracer:
             if cache.uffd.fd < 0:
                 return  # made local or gone meanwhile
             if event == U.UFFD_EVENT_PAGEFAULT:
-                cache.fault(self, b, c & 0xFFFFFFFF)
+                if not cache.fault(self, b, c & 0xFFFFFFFF):
+                    self.pending_uffd.append((cache, (event, a, b, c)))
             elif event == U.UFFD_EVENT_UNMAP:
                 cache.unmapped(a, b)
             elif event == U.UFFD_EVENT_REMOVE:
@@ -287,6 +289,7 @@ class Tracer:
         eviction; REMOVE events of `removing` are legorun's own)."""
         import select
         from .memory import uffd as U
+        retry: list = []
         while True:
             try:
                 got, status = os.waitpid(tid, pt.WALL | os.WNOHANG)
@@ -295,15 +298,20 @@ class Tracer:
             if got:
                 if os.WIFSTOPPED(status):
                     self.stats.ptrace_stops += 1
+                self.pending_uffd += [(cache, m) for m in retry]
                 return status
             for m in list(cache.uffd.messages()):
                 if m[0] == U.UFFD_EVENT_REMOVE and removing and removing[0] <= m[1] \
                         and m[2] <= removing[1]:
                     continue  # our own drop
                 if m[0] == U.UFFD_EVENT_PAGEFAULT:
-                    cache.fault(self, m[2], m[3] & 0xFFFFFFFF, evict=False)
+                    if not cache.fault(self, m[2], m[3] & 0xFFFFFFFF, evict=False):
+                        retry.append(m)
                 else:
                     self.pending_uffd.append((cache, m))
+            for m in retry[:]:
+                if cache.fault(self, m[2], m[3] & 0xFFFFFFFF, evict=False):
+                    retry.remove(m)
             select.select([cache.uffd.fd], [], [], 0.001)
 
     def _run_with_parked(self) -> None:

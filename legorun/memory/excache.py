@@ -22,7 +22,8 @@ from ..kernel import ptrace as pt
 from . import uffd as U
 
 PAGE = U.PAGE
-BATCH = 64                  # pages evicted together (one store, few madvise)
+BATCH = 64                  # the smallest cache: two batches (MemoryManager.batch)
+PREFETCH = 16               # evicted pages fetched with a missed one (fault-around)
 NR_MADVISE = 28
 MADV_DONTNEED = 4
 FEATURES = U.UFFD_FEATURE_EVENT_REMAP | U.UFFD_FEATURE_EVENT_REMOVE | U.UFFD_FEATURE_EVENT_UNMAP \
@@ -32,11 +33,12 @@ FEATURES = U.UFFD_FEATURE_EVENT_REMAP | U.UFFD_FEATURE_EVENT_REMOVE | U.UFFD_FEA
 class MemoryStats:
     def __init__(self) -> None:
         self.faults = 0          # page faults served
-        self.zero_fills = 0      # served locally: never written before
-        self.fetches = 0         # served from the mComponent
+        self.zero_fills = 0      # pages served locally: never written before
+        self.fetches = 0         # pages served from the mComponent (prefetched ones included)
         self.evictions = 0       # pages dropped from the ExCache
         self.writebacks = 0      # evicted pages stored (all-zero ones skipped)
         self.deferred = 0        # evictions put off: the fault came from inside a syscall
+        self.prefetched = 0      # evicted pages brought back with a missed neighbour
         self.peak_resident = 0
         self.processes = 0       # processes whose memory was remote
         self.made_local = 0      # processes that went local (thread or child)
@@ -78,6 +80,7 @@ class ExCache:
         self.stored: set = set()                     # pages whose data is on the mComponent
         self.regions: list = []                      # [start, end, mapped on the mComponent]
         self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDWR)
+        self.writebacks: list = []                   # store tickets not yet collected
 
     # ---- regions
 
@@ -147,30 +150,65 @@ class ExCache:
 
     # ---- faults
 
-    def fault(self, tracer, address: int, tid: int, evict: bool = True) -> None:
+    def fault(self, tracer, address: int, tid: int, evict: bool = True) -> bool:
         """Serve a missing page: from the mComponent if it was evicted, else
         zeros. A page legorun believes resident may fault again (a signal woke
         the thread, or the page was dropped while this fault waited): serving
-        it again is harmless (EEXIST just wakes the thread)."""
+        it again is harmless (EEXIST just wakes the thread). False: try again
+        later (the mm was changing)."""
         page = address & ~(PAGE - 1)
         stats = self.manager.stats
         stopped = False
-        if evict and page not in self.resident and len(self.resident) >= self.manager.capacity:
+        group = [page]
+        stored = page in self.stored
+        region = self._region(page) if not stored else None
+        for i in range(1, PREFETCH):  # fault-around: the pages that follow come too
+            nxt = page + i * PAGE
+            if nxt in self.resident or (nxt in self.stored) != stored or \
+                    (region is not None and nxt >= region[1]):
+                break
+            group.append(nxt)
+        if evict and page not in self.resident and \
+                len(self.resident) + len(group) > self.manager.capacity:
             stopped = self._make_room(tracer, tid)
-        if page in self.stored:
-            data = self.manager.client().fetch(self.space, [page])[0] or bytes(PAGE)
-            stats.fetches += 1
-        else:
-            data = None
-            stats.zero_fills += 1
-        served = self.uffd.copy(page, data) if data is not None else self.uffd.zero(page)
-        if not served:
-            self.uffd.wake(page, PAGE)
-        self.resident[page] = None
+        try:
+            if page in self.stored:
+                datas = self.manager.client().fetch(self.space, group)
+                stats.fetches += len(group)
+                stats.prefetched += len(group) - 1
+                # the faulting page first: its thread runs on while the rest land
+                order = [0] + list(range(1, len(group)))
+                for i in order:
+                    p, data = group[i], datas[i]
+                    if p != page and (p in self.resident or p not in self.stored):
+                        continue  # changed while fetching
+                    try:
+                        if self.uffd.copy(p, data or bytes(PAGE)) or p == page:
+                            self.resident[p] = None
+                    except BlockingIOError:
+                        if p == page:
+                            raise
+                        break  # the layout is changing: leave the rest for later
+            elif len(group) > 1 and self.uffd.zero(page, len(group) * PAGE):
+                stats.zero_fills += len(group)
+                for p in group:
+                    self.resident[p] = None
+            else:
+                stats.zero_fills += 1
+                if not self.uffd.zero(page):
+                    self.uffd.wake(page, PAGE)
+                self.resident[page] = None
+        except BlockingIOError:
+            # EAGAIN: the mm is changing (an event not yet read, e.g. legorun's
+            # own madvise in flight): the fault is served again later
+            if stopped:
+                pt.cont(tid)
+            return False
         stats.faults += 1
         stats.peak_resident = max(stats.peak_resident, len(self.resident))
         if stopped:
             pt.cont(tid)
+        return True
 
     def _make_room(self, tracer, tid: int) -> bool:
         """Evict a batch; True if the thread was stopped for it (resume it)."""
@@ -185,7 +223,7 @@ class ExCache:
         pt.interrupt(tid)
         if not tracer.wait_interrupt(tid, self):
             return False
-        victims = list(self.resident)[:BATCH]
+        victims = list(self.resident)[:self.manager.batch]
         self.evict(tracer, tid, victims)
         return True
 
@@ -195,12 +233,14 @@ class ExCache:
         client = self.manager.client()
         stores, zeros = [], []
         zero = bytes(PAGE)
-        for page in victims:
-            data = os.pread(self.mem_fd, PAGE, page)
-            if data == zero:
-                zeros.append(page)
-            else:
-                stores.append((page, data))
+        for start, length in _runs(sorted(victims)):  # one read per contiguous run
+            run = os.pread(self.mem_fd, length, start)
+            for off in range(0, length, PAGE):
+                data = run[off:off + PAGE]
+                if data == zero:
+                    zeros.append(start + off)
+                else:
+                    stores.append((start + off, data))
         for page, _ in stores:
             region = self._region(page)
             if region is not None and not region[2]:
@@ -209,8 +249,11 @@ class ExCache:
                     if region[0] <= r[0] and r[1] <= region[1]:
                         r[2] = True
                 region[2] = True
+        self.collect_writebacks()
         if stores:
-            client.store(self.space, stores)
+            # off the fault path: the reply is collected at the next eviction;
+            # the server applies frames in order, so a later fetch sees them
+            self.writebacks.append(client.submit(self.space, stores=stores, kind="store"))
             stats.writebacks += len(stores)
         # the books first: a victim that faults while it is being dropped is
         # served from what was just stored
@@ -221,6 +264,13 @@ class ExCache:
         stats.evictions += len(victims)
         for start, length in _runs(sorted(victims)):
             self._madvise(tracer, tid, start, length)
+
+    def collect_writebacks(self) -> None:
+        """Raise (ComponentError) if a write-back in flight was refused."""
+        client = self.manager.client()
+        tickets, self.writebacks = self.writebacks, []
+        for ticket in tickets:
+            client.collect(ticket)
 
     def _madvise(self, tracer, tid: int, start: int, length: int) -> None:
         regs = pt.getregs(tid)
@@ -256,6 +306,10 @@ class ExCache:
         self.close()
 
     def close(self) -> None:
+        try:
+            self.collect_writebacks()
+        except Exception:  # noqa: BLE001 - the space is freed next anyway
+            pass
         if self.mem_fd >= 0:
             os.close(self.mem_fd)
             self.mem_fd = -1
@@ -286,7 +340,9 @@ class MemoryManager:
     """The run's remote memory: the mComponent client, the budget, the caches."""
 
     def __init__(self, capacity_pages: int, connect) -> None:
-        self.capacity = max(capacity_pages, BATCH * 2)
+        self.capacity = max(capacity_pages, 64)
+        # evicted together: one store, few madvise; larger batches for larger caches
+        self.batch = max(16, min(256, self.capacity // 8))
         self._connect = connect     # () -> MemoryClient, started on first use
         self._client = None
         self.by_fd: dict = {}       # uffd fd -> ExCache

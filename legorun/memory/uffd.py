@@ -89,8 +89,14 @@ class Userfaultfd:
             return False
         return True
 
-    def zero(self, dst: int) -> bool:
-        return self.copy(dst, self._zero)
+    def zero(self, dst: int, length: int = PAGE) -> bool:
+        """Map the zero page over [dst, dst+length); False if a page was there."""
+        buf = bytearray(struct.pack("<QQQq", dst, length, 0, 0))
+        try:
+            fcntl.ioctl(self.fd, UFFDIO_ZEROPAGE, buf)
+        except FileExistsError:
+            return False
+        return True
 
     def wake(self, start: int, length: int) -> None:
         fcntl.ioctl(self.fd, UFFDIO_WAKE, bytearray(struct.pack("<QQ", start, length)))

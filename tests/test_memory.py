@@ -202,3 +202,14 @@ def test_unreachable_mcomponent_is_one_line_and_status_2(tmp_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "mComponent" in lines[0], r.stderr
+
+
+def test_records_workload_whose_lists_move_with_mremap_prints_what_it_prints_natively(mcomponent):
+    """CPython grows a big list with realloc, and glibc moves it with mremap:
+    evicted pages must move with it (a 4 MiB ExCache, a ~25 MiB guest)."""
+    sample = os.path.join(os.path.dirname(__file__), "..", "samples", "records.py")
+    want = native([PY, sample, "100000", "2"])
+    r = subprocess.run([PY, "-m", "legorun", "--mem", mcomponent, "--excache", "4M", "--", PY,
+                        sample, "100000", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want.stdout

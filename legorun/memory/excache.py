@@ -39,6 +39,7 @@ class MemoryStats:
         self.writebacks = 0      # evicted pages stored (all-zero ones skipped)
         self.deferred = 0        # evictions put off: the fault came from inside a syscall
         self.prefetched = 0      # evicted pages brought back with a missed neighbour
+        self.not_present = 0     # victims found missing when evicted (books out of step)
         self.peak_resident = 0
         self.processes = 0       # processes whose memory was remote
         self.made_local = 0      # processes that went local (thread or child)
@@ -133,20 +134,39 @@ class ExCache:
         self._forget(start, end)
 
     def remapped(self, old: int, new: int, length: int) -> None:
-        """mremap moved [old, old+length) to new: its pages move with it."""
+        """mremap moved [old, old+length) to new: its pages move with it.
+
+        The evicted ones are moved here, by reading them at the old address
+        and storing them at the new one (then dropping the old range): that
+        keeps the mComponent's record exact however the regions were learned.
+        """
         delta = new - old
+        moving = sorted(p for p in self.stored if old <= p < old + length)
         moved = OrderedDict()
         for page in list(self.resident):
             if old <= page < old + length:
                 del self.resident[page]
                 moved[page + delta] = None
         self.resident.update(moved)
-        self.stored = {p + delta if old <= p < old + length else p for p in self.stored}
-        region = self._region(old)
-        if region is not None and region[2]:
-            self.manager.client().remap(self.space, old, length, new, length)
-        self.regions = [r for r in self.regions if not (r[0] >= old and r[1] <= old + length)]
-        self.regions.append([new, new + length, region is not None and region[2]])
+        self.stored = {p for p in self.stored if not old <= p < old + length}
+        client = self.manager.client()
+        self.collect_writebacks()
+        pages = []
+        for i in range(0, len(moving), 512):
+            chunk = moving[i:i + 512]
+            pages += [(p + delta, d) for p, d in zip(chunk, client.fetch(self.space, chunk)) if d]
+        if any(r[2] and r[0] < old + length and old < r[1] for r in self.regions):
+            client.unmap(self.space, old, length)
+        self.regions = [r for r in self.regions if r[1] <= old or old + length <= r[0]]
+        self.regions = [r for r in self.regions if r[1] <= new or new + length <= r[0]]
+        region = [new, new + length, False]
+        self.regions.append(region)
+        if pages:
+            client.map(self.space, new, length, if_absent=True)
+            region[2] = True
+            for i in range(0, len(pages), 512):
+                client.store(self.space, pages[i:i + 512])
+            self.stored.update(p for p, _ in pages)
 
     # ---- faults
 
@@ -233,11 +253,22 @@ class ExCache:
         client = self.manager.client()
         stores, zeros = [], []
         zero = bytes(PAGE)
+        gone = []
         for start, length in _runs(sorted(victims)):  # one read per contiguous run
-            run = os.pread(self.mem_fd, length, start)
+            try:
+                run = os.pread(self.mem_fd, length, start)
+            except OSError:
+                run = b""
             for off in range(0, length, PAGE):
                 data = run[off:off + PAGE]
-                if data == zero:
+                if len(data) != PAGE:  # not all there: read page by page
+                    try:
+                        data = os.pread(self.mem_fd, PAGE, start + off)
+                    except OSError:
+                        data = b""
+                if len(data) != PAGE:
+                    gone.append(start + off)  # not present after all: nothing to save
+                elif data == zero:
                     zeros.append(start + off)
                 else:
                     stores.append((start + off, data))
@@ -261,6 +292,7 @@ class ExCache:
             self.resident.pop(page, None)
         self.stored.update(p for p, _ in stores)
         self.stored.difference_update(zeros)
+        self.manager.stats.not_present += len(gone)
         stats.evictions += len(victims)
         for start, length in _runs(sorted(victims)):
             self._madvise(tracer, tid, start, length)

@@ -115,6 +115,8 @@ def main(argv: list[str]) -> int:
                     "(default: a fresh directory under /tmp)")
     ap.add_argument("--timeout", type=float, default=600,
                     help="per-run timeout in seconds (default 600)")
+    ap.add_argument("--no-memory", action="store_true",
+                    help="leave out the remote-memory benchmarks")
     ap.add_argument("--force", action="store_true",
                     help="run even if `python -m legorun -- /bin/true` fails")
     a = ap.parse_args(argv)
@@ -166,6 +168,23 @@ def main(argv: list[str]) -> int:
          "ops/s, against native"),
     ]
 
+    # Remote memory (issue #3): each workload at an ExCache of 100%, 50% and
+    # 25% of its native peak RSS, measured here first.
+    mem = [("memscan", "a sequential multi-pass bytearray scan",
+            [PY, sample("memscan.py"), "16", "3"]),
+           ("memrandom", "random page touches", [PY, sample("memrandom.py"), "16", "5000"]),
+           ("records", "small records and aggregation passes",
+            [PY, sample("records.py"), "100000", "3"]),
+           ("sortfloats", "sorting random floats (thrashes at 25%; no target)",
+            [PY, sample("sortfloats.py"), "100000"])]
+    for key, what, cmd in ([] if a.no_memory else mem):
+        peak_kb = native_peak_kb(cmd)
+        for pct in (100, 50, 25):
+            kb = max(512, peak_kb * pct // 100)
+            suite.append((f"{key}-{pct}", f"Memory: {what}; ExCache {pct}% of native peak RSS "
+                          f"({kb / 1024:.1f} MiB)", cmd, ["--excache", f"{kb}K"], [],
+                          "issue #3: at most 1.3x native" if pct == 100 else ""))
+
     started = datetime.datetime.now(datetime.timezone.utc)
     results = {}
     t_suite = time.perf_counter()
@@ -208,6 +227,22 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def native_peak_kb(cmd) -> int:
+    """The peak RSS (KiB) of one native run of cmd (GNU time's %M when there:
+    a child forked from this big Python would count its RSS before exec)."""
+    if os.path.exists("/usr/bin/time"):
+        p = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True)
+        return int(p.stderr.strip().splitlines()[-1])
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(os.devnull, os.O_RDWR)
+        os.dup2(fd, 0)
+        os.dup2(fd, 1)
+        os.execvp(cmd[0], cmd)
+    _, _, usage = os.wait4(pid, 0)
+    return usage.ru_maxrss
 
 
 def _f(x, digits=4):

@@ -104,6 +104,8 @@ def run_guest(args, command: list) -> int:
     except (OSError, ValueError) as e:
         print(f"legorun: {e}", file=sys.stderr)
         return 2
+    if session.memory is not None:
+        session.memory.trace = session.trace
     if args.cpus == "one":
         session.pin()
     tracer = Tracer(session)
@@ -148,6 +150,8 @@ def report(session, args) -> None:
         stats["excache"] = dict(session.memory.stats.as_dict(),
                                 capacity_pages=session.memory.capacity)
         stats["faults"] = session.memory.stats.faults
+        stats["timeline"] = session.memory.timeline
+        stats["fault_latency_us"] = [round(x * 1e6, 1) for x in session.memory.latencies.samples]
     # legorun has reaped only the guest's tree so far (embedded components are
     # stopped after this report), so its children's usage is the guest's.
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)

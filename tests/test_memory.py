@@ -213,3 +213,23 @@ def test_records_workload_whose_lists_move_with_mremap_prints_what_it_prints_nat
                         sample, "100000", "2"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout == want.stdout
+
+
+def test_excache_events_are_traced_and_its_timeline_drawn(mcomponent, tmp_path):
+    import json
+    exe = compile_c(tmp_path, "pattern", PATTERN_C)
+    r = subprocess.run([PY, "-m", "legorun", "--mem", mcomponent, "--excache", "1M", "--trace",
+                        "-e", "trace=excache", "-o", str(tmp_path / "t.txt"), "--stats-json",
+                        str(tmp_path / "s.json"), "--", exe, "4", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    kinds = {line.split()[3] for line in (tmp_path / "t.txt").read_text().splitlines()}
+    assert {"fault", "fetch", "writeback", "evict"} <= kinds
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert stats["timeline"] and stats["fault_latency_us"]
+    assert all(s["resident_pages"] <= s["capacity_pages"] for s in stats["timeline"])
+    out = tmp_path / "r.png"
+    p = subprocess.run([PY, "-m", "legorun", "report", str(tmp_path / "s.json"), "-o", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -16,8 +16,10 @@ a `syscall` instruction of its vDSO.
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 
+from ..stats import Latencies
 from ..kernel import ptrace as pt
 from . import uffd as U
 
@@ -178,6 +180,7 @@ class ExCache:
         later (the mm was changing)."""
         page = address & ~(PAGE - 1)
         stats = self.manager.stats
+        began = time.perf_counter()
         stopped = False
         group = [page]
         stored = page in self.stored
@@ -228,6 +231,7 @@ class ExCache:
         stats.peak_resident = max(stats.peak_resident, len(self.resident))
         if stopped:
             pt.cont(tid)
+        self.manager.fault_done(self, page, len(group), stored, time.perf_counter() - began)
         return True
 
     def _make_room(self, tracer, tid: int) -> bool:
@@ -282,6 +286,7 @@ class ExCache:
                 region[2] = True
         self.collect_writebacks()
         if stores:
+            self.manager.event(self.pid, "writeback", stores[0][0], len(stores), "mComponent", 0.0)
             # off the fault path: the reply is collected at the next eviction;
             # the server applies frames in order, so a later fetch sees them
             self.writebacks.append(client.submit(self.space, stores=stores, kind="store"))
@@ -294,6 +299,7 @@ class ExCache:
         self.stored.difference_update(zeros)
         self.manager.stats.not_present += len(gone)
         stats.evictions += len(victims)
+        self.manager.event(self.pid, "evict", min(victims), len(victims), "legorun", 0.0)
         for start, length in _runs(sorted(victims)):
             self._madvise(tracer, tid, start, length)
 
@@ -379,7 +385,30 @@ class MemoryManager:
         self._client = None
         self.by_fd: dict = {}       # uffd fd -> ExCache
         self.stats = MemoryStats()
-        self.said = set()
+        self.trace = None           # legorun.trace.TraceWriter, for -e trace=excache
+        self.started = time.monotonic()
+        self.timeline: list = []    # occupancy over time, for `legorun report`
+        self.latencies = Latencies()
+        self._next_sample = 0.0
+
+    def event(self, pid: int, kind: str, address: int, pages: int, served_by: str,
+              seconds: float) -> None:
+        if self.trace is not None:
+            self.trace.memory_event(pid, kind, address, pages, served_by, seconds)
+
+    def fault_done(self, cache, page: int, pages: int, fetched: bool, seconds: float) -> None:
+        self.latencies.add(seconds)
+        if self.trace is not None:
+            self.event(cache.pid, "fetch" if fetched else "fault", page, pages,
+                       "mComponent" if fetched else "legorun", seconds)
+        now = time.monotonic() - self.started
+        if now >= self._next_sample:  # a sample every 20 ms at most
+            self._next_sample = now + 0.02
+            st = self.stats
+            self.timeline.append({
+                "t": round(now, 4), "capacity_pages": self.capacity,
+                "resident_pages": sum(len(c.resident) for c in self.by_fd.values()),
+                "faults": st.faults, "evictions": st.evictions})
 
     def client(self):
         if self._client is None:

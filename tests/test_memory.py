@@ -233,3 +233,29 @@ def test_excache_events_are_traced_and_its_timeline_drawn(mcomponent, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_status_shows_a_guests_space_while_it_runs_and_not_after(mcomponent, tmp_path):
+    import json
+    exe = compile_c(tmp_path, "pattern", PATTERN_C)
+
+    def spaces():
+        p = subprocess.run([PY, "-m", "legorun", "status", mcomponent, "--json"],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)["components"][0]["status"]["spaces"]
+
+    p = subprocess.Popen([PY, "-m", "legorun", "--mem", mcomponent, "--excache", "1M", "--", exe,
+                          "8", "20"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen = 0
+    deadline = time.time() + 60
+    while p.poll() is None and time.time() < deadline and not seen:
+        seen = spaces()
+        time.sleep(0.1)
+    p.kill() if p.poll() is None else None
+    p.wait()
+    assert seen == 1
+    deadline = time.time() + 30
+    while time.time() < deadline and spaces():
+        time.sleep(0.2)
+    assert spaces() == 0

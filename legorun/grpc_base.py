@@ -78,6 +78,14 @@ class ComponentClient:
                 self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         return self._channel
 
+    def status_bytes(self, timeout: float = 10.0) -> bytes:
+        """The serialized reply of the component's Status call."""
+        try:
+            return self._get_channel().unary_unary(self.METHOD_STATUS)(
+                b"", timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise self._error(_reason(e), e.code()) from None
+
     def connect(self, timeout: float = 5.0) -> None:
         """Wait until the channel is ready; raises ComponentError otherwise.
         (It does not check the token: the first call does.)"""

@@ -427,12 +427,7 @@ class MemoryClient(ComponentClient):
     # -- the rest -------------------------------------------------------------
     def status(self, timeout: float = 10.0) -> pb.StatusReply:
         """The server's Status (spaces, pages, bytes per client, counters)."""
-        try:
-            raw = self._get_channel().unary_unary(METHOD_STATUS)(
-                b"", timeout=timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise self._error(_reason(e), e.code()) from None
-        return pb.StatusReply.FromString(raw)
+        return pb.StatusReply.FromString(self.status_bytes(timeout))
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Per op (create, fork, free, map, unmap, remap, protect, discard,

@@ -197,11 +197,19 @@ class Tracer:
         old_fd = signal.set_wakeup_fd(w)
         old_handler = signal.signal(signal.SIGCHLD, lambda *_: None)
         self.pending_uffd = []
+        fast = _fast_path(self.session)
+        if fast is not None and not hasattr(fast, "poll"):
+            fast = None  # an older build of the extension
+        handled_before = fast.handled() if fast is not None else 0
         try:
             while self.threads:
                 while True:
                     try:
-                        tid, status = os.waitpid(-1, pt.WALL | os.WNOHANG)
+                        if fast is not None:
+                            event = fast.poll()
+                            tid, status = event if event is not None else (0, 0)
+                        else:
+                            tid, status = os.waitpid(-1, pt.WALL | os.WNOHANG)
                     except ChildProcessError:
                         return
                     if tid == 0:
@@ -230,6 +238,9 @@ class Tracer:
                 except BlockingIOError:
                     pass
         finally:
+            if fast is not None:  # stops the C fast path answered on its own
+                self.stats.ptrace_stops += fast.handled() - handled_before
+                self.stats.trapped += fast.handled() - handled_before
             signal.signal(signal.SIGCHLD, old_handler)
             signal.set_wakeup_fd(old_fd)
             os.close(r)

@@ -169,6 +169,25 @@ static PyObject *wait_event(PyObject *self, PyObject *noargs)
     }
 }
 
+static PyObject *poll_event(PyObject *self, PyObject *noargs)
+{
+    /* As wait(), without blocking: None when no tracee has anything to report. */
+    for (;;) {
+        int status;
+        pid_t pid = waitpid(-1, &status, __WALL | WNOHANG);
+        if (pid < 0) {
+            if (errno == EINTR)
+                continue;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        if (pid == 0)
+            Py_RETURN_NONE;
+        if (WIFSTOPPED(status) && (status >> 16) == EVENT_SECCOMP && local_path_stop(pid))
+            continue;
+        return Py_BuildValue("(ii)", (int)pid, status);
+    }
+}
+
 static PyObject *counters(PyObject *self, PyObject *noargs)
 {
     return PyLong_FromUnsignedLongLong(handled);
@@ -181,6 +200,8 @@ static PyMethodDef methods[] = {
     {"wait", wait_event, METH_NOARGS,
      "wait() -> (tid, status) of the next event Python must see; local path stops are "
      "answered (PTRACE_CONT) without returning"},
+    {"poll", poll_event, METH_NOARGS,
+     "poll() -> (tid, status) or None: as wait(), but never blocks"},
     {"handled", counters, METH_NOARGS, "stops answered by the fast path so far"},
     {NULL, NULL, 0, NULL}};
 

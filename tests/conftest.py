@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 
 import pytest
@@ -87,3 +88,22 @@ def compile_c(tmp_path, name: str, source: str, flags=()) -> str:
     exe = tmp_path / name
     subprocess.run(["gcc", "-O1", "-o", str(exe), str(src), *flags], check=True)
     return str(exe)
+
+
+def within(seconds, fn):
+    """Run fn in a thread; fail the test (instead of hanging it) if it takes longer."""
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"still blocked after {seconds} s"
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")

@@ -9,11 +9,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import grpc
 import pytest
+
+from conftest import within
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hst
@@ -54,25 +55,6 @@ class Server:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-
-
-def within(seconds, fn):
-    """Run fn in a thread; fail (instead of hanging) if it takes longer."""
-    box = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            box["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(seconds)
-    assert not t.is_alive(), f"still blocked after {seconds} s"
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
 
 
 @pytest.fixture(scope="module")

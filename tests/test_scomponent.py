@@ -14,6 +14,8 @@ import time
 
 import grpc
 import pytest
+
+from conftest import within
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from legorun.proto import storage_pb2 as pb
@@ -56,25 +58,6 @@ class Server:
 
 def start_server(root, listen, *extra, **kw):
     return Server(root, listen, *extra, **kw).wait_ready()
-
-
-def within(seconds, fn):
-    """Run fn in a thread; fail the test (instead of hanging it) if it takes longer."""
-    box = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            box["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(seconds)
-    assert not t.is_alive(), f"still blocked after {seconds} s"
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 @pytest.fixture(scope="module")

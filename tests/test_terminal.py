@@ -1,6 +1,7 @@
 """The terminal passes through: Ctrl-C reaches the guest once, Ctrl-Z stops the job."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pty
 import select
@@ -42,28 +43,30 @@ def _read_until(fd, text, timeout=30.0):
     return buf.decode(errors="replace")
 
 
-def _spawn_in_pty(argv):
+@contextlib.contextmanager
+def _in_pty(argv):
+    """(pid, master fd) of argv run as a session leader on a new pty; killed after."""
     pid, master = pty.fork()
     if pid == 0:  # a session leader with the pty as its controlling terminal, like a shell's job
         os.execv(argv[0], argv)
-    return pid, master
-
-
-def test_ctrl_c_reaches_the_guest_once():
-    pid, master = _spawn_in_pty([PY, "-m", "legorun", "--", PY, "-c", GUEST])
     try:
-        assert "ready" in _read_until(master, "ready")
-        os.write(master, b"\x03")  # the terminal sends SIGINT to the foreground group
-        out = _read_until(master, "sigint")
-        assert "sigint 1" in out, out
-        _, status = os.waitpid(pid, 0)
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        yield pid, master
     finally:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         os.close(master)
+
+
+def test_ctrl_c_reaches_the_guest_once():
+    with _in_pty([PY, "-m", "legorun", "--", PY, "-c", GUEST]) as (pid, master):
+        assert "ready" in _read_until(master, "ready")
+        os.write(master, b"\x03")  # the terminal sends SIGINT to the foreground group
+        out = _read_until(master, "sigint")
+        assert "sigint 1" in out, out
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
 def test_ctrl_z_stops_the_job_and_fg_resumes_it():
@@ -72,8 +75,7 @@ def test_ctrl_z_stops_the_job_and_fg_resumes_it():
     # a shell with job control owns the terminal and runs legorun as a job
     script = (f"set -m; {PY} -m legorun -- {PY} -c \"{guest}\"; echo \"stopped $?\"; "
               "sleep 0.5; fg > /dev/null; echo \"done $?\"")
-    pid, master = _spawn_in_pty(["/bin/bash", "--norc", "-c", script])
-    try:
+    with _in_pty(["/bin/bash", "--norc", "-c", script]) as (pid, master):
         assert "ready" in _read_until(master, "ready")
         os.write(master, b"\x1a")  # Ctrl-Z: SIGTSTP to the foreground job
         out = _read_until(master, "done")
@@ -81,9 +83,3 @@ def test_ctrl_z_stops_the_job_and_fg_resumes_it():
         assert out.index("stopped 148") < out.index("\nresumed") < out.index("done 0"), out
         _, status = os.waitpid(pid, 0)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-    finally:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        os.close(master)

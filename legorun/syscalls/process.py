@@ -102,7 +102,7 @@ def sys_sendmsg(s, t, a):
     """Remote fds do not leave their process: SCM_RIGHTS of one is refused."""
     if not t.process.fds or not _passes_remote_fd(s, t, a[1]):
         return None
-    s.say(f"pid {t.tid}: passing a remote fd over a socket is not supported (EOPNOTSUPP)")
+    s.say_once(("scm", t.tid), f"pid {t.tid}: passing a remote fd over a socket is not supported (EOPNOTSUPP)")
     return -E.EOPNOTSUPP
 
 
@@ -111,7 +111,7 @@ def sys_sendmmsg(s, t, a):
         return None
     for i in range(min(a[2] & 0xFFFFFFFF, 1024)):
         if _passes_remote_fd(s, t, a[1] + i * MMSGHDR):
-            s.say(f"pid {t.tid}: passing a remote fd over a socket is not supported (EOPNOTSUPP)")
+            s.say_once(("scm", t.tid), f"pid {t.tid}: passing a remote fd over a socket is not supported (EOPNOTSUPP)")
             return -E.EOPNOTSUPP
     return None
 

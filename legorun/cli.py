@@ -185,13 +185,24 @@ def print_summary(stats: dict, out) -> None:
                   f"peak RSS {rusage['maxrss_kb'] / 1024:.1f} MiB\n")
     ex = stats.get("excache")
     if ex:
-        out.write(f"\nExCache: {ex['capacity_pages'] * 4096 / 2**20:.1f} MiB per process, peak "
-                  f"{ex['peak_resident'] * 4096 / 2**20:.1f} MiB resident; {ex['faults']} faults "
-                  f"({ex['zero_fills']} zero-filled, {ex['fetches']} fetched), "
-                  f"{ex['evictions']} evictions, {ex['writebacks']} write-backs"
-                  + (f", {ex['deferred']} evictions deferred" if ex['deferred'] else "")
-                  + (f"; {ex['made_local']} process(es) made local" if ex['made_local'] else "")
-                  + "\n")
+        mib = 4096 / 2**20
+        out.write(f"\nExCache: {ex['capacity_pages'] * mib:.1f} MiB per process "
+                  f"({ex['capacity_pages']} pages), peak {ex['peak_resident'] * mib:.1f} MiB "
+                  "resident\n")
+        rows = [
+            ("misses (faults)", ex["faults"],
+             f"{ex['zero_fills']} pages zero-filled here, {ex['fetches']} fetched"),
+            ("prefetched", ex["prefetched"],
+             f"{ex.get('prefetch_used', 0)} used (written before eviction), "
+             f"{ex.get('prefetch_unused', 0)} evicted unwritten (wasted, or only read)"),
+            ("evictions", ex["evictions"],
+             f"{ex['writebacks']} written back, {ex.get('clean_drops', 0)} dropped clean"
+             + (f", {ex['deferred']} deferred" if ex["deferred"] else "")),
+        ]
+        for name, n, detail in rows:
+            out.write(f"  {name:<16} {n:>9}   {detail}\n")
+        if ex["made_local"]:
+            out.write(f"  {ex['made_local']} process(es) made local\n")
     rpcs = stats.get("rpcs", {})
     if rpcs:
         out.write(f"\n{'component':<11} {'rpc':<16} {'calls':>8} {'errors':>7} {'p50 ms':>8} "

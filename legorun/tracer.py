@@ -262,7 +262,7 @@ class Tracer:
             if cache.uffd.fd < 0:
                 return  # made local or gone meanwhile
             if event == U.UFFD_EVENT_PAGEFAULT:
-                if not cache.fault(self, b, c & 0xFFFFFFFF):
+                if not cache.fault(self, b, c & 0xFFFFFFFF, write=bool(a & U.UFFD_PAGEFAULT_FLAG_WRITE)):
                     self.pending_uffd.append((cache, (event, a, b, c)))
             elif event == U.UFFD_EVENT_UNMAP:
                 cache.unmapped(a, b)
@@ -316,12 +316,14 @@ class Tracer:
                         and m[2] <= removing[1]:
                     continue  # our own drop
                 if m[0] == U.UFFD_EVENT_PAGEFAULT:
-                    if not cache.fault(self, m[2], m[3] & 0xFFFFFFFF, evict=False):
+                    if not cache.fault(self, m[2], m[3] & 0xFFFFFFFF, evict=False,
+                                       write=bool(m[1] & U.UFFD_PAGEFAULT_FLAG_WRITE)):
                         retry.append(m)
                 else:
                     self.pending_uffd.append((cache, m))
             for m in retry[:]:
-                if cache.fault(self, m[2], m[3] & 0xFFFFFFFF, evict=False):
+                if cache.fault(self, m[2], m[3] & 0xFFFFFFFF, evict=False,
+                               write=bool(m[1] & U.UFFD_PAGEFAULT_FLAG_WRITE)):
                     retry.remove(m)
             select.select([cache.uffd.fd], [], [], 0.001)
 

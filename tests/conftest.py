@@ -55,9 +55,10 @@ class Run:
 
 
 def legorun(args: list, storage: str | None = None, mounts=("/lego",), input: str | None = None,
-            env: dict | None = None, timeout: float = 120, stats_file=None, cwd=None) -> Run:
-    """Run `legorun [--storage ADDR] [--mount M]... -- args` and capture everything."""
-    cmd = [sys.executable, "-m", "legorun"]
+            env: dict | None = None, timeout: float = 120, stats_file=None, cwd=None,
+            options=()) -> Run:
+    """Run `legorun [--storage ADDR] [--mount M]... [OPTIONS] -- args` and capture everything."""
+    cmd = [sys.executable, "-m", "legorun", *options]
     if storage:
         cmd += ["--storage", storage]
     for m in mounts:

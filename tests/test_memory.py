@@ -83,6 +83,40 @@ def test_guest_writing_8x_the_excache_reads_back_every_byte_within_the_bound(mco
     assert _held(mcomponent) == (0, 0)  # the space was freed with the guest
 
 
+READ_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+int main(int argc, char **argv) {
+    size_t n = (size_t)atoi(argv[1]) << 20;
+    unsigned char *p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    for (size_t i = 0; i < n; i += 64) p[i] = (unsigned char)((i >> 6) * 7 + 1);
+    size_t bad = 0;
+    for (int pass = 0; pass < atoi(argv[2]); pass++)   /* read only from here on */
+        for (size_t i = 0; i < n; i += 64) bad += p[i] != (unsigned char)((i >> 6) * 7 + 1);
+    printf("bad %zu\n", bad);
+    return bad != 0;
+}
+"""
+
+
+def test_pages_read_but_not_written_since_their_fetch_are_dropped_without_a_write_back(
+        mcomponent, tmp_path):
+    exe = compile_c(tmp_path, "readonly", READ_C)
+    r = legorun([exe, "8", "3"], stats_file=tmp_path / "s.json",
+                options=("--mem", mcomponent, "--excache", "1M"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "bad 0\n"
+    ex = r.stats["excache"]
+    pages = 8 * 256
+    # written once (about 2048 pages stored), then fetched and dropped clean three times
+    assert pages * 0.9 <= ex["writebacks"] <= pages * 1.1, ex
+    assert ex["clean_drops"] >= 2 * pages, ex
+    assert ex["fetches"] >= 3 * pages * 0.9, ex
+    assert ex["prefetch_used"] == 0 and ex["prefetch_unused"] > pages, ex
+    assert _held(mcomponent) == (0, 0)
+
+
 def test_a_run_without_memory_options_makes_no_memory_rpc(tmp_path):
     r = legorun([PY, "-c", "print(sum(range(10**6)))"], stats_file=tmp_path / "s.json")
     assert r.stdout == "499999500000\n"
@@ -196,12 +230,26 @@ def test_spaces_of_a_killed_legorun_are_freed_after_the_lease(mcomponent, tmp_pa
     assert _held(mcomponent) == (0, 0)
 
 
-def test_unreachable_mcomponent_is_one_line_and_status_2(tmp_path):
-    r = subprocess.run([PY, "-m", "legorun", "--mem", f"unix:{tmp_path}/none.sock", "--", PY, "-c",
-                        "x = bytearray(1 << 20)"], capture_output=True, text=True, timeout=60)
+def test_unreachable_mcomponent_is_one_line_and_status_2_once_a_page_must_go_there(tmp_path):
+    r = subprocess.run([PY, "-m", "legorun", "--mem", f"unix:{tmp_path}/none.sock", "--excache",
+                        "1M", "--", PY, "-c", "x = b'x' * (8 << 20)"],
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "mComponent" in lines[0], r.stderr
+
+
+def test_a_run_that_fits_the_excache_makes_no_rpc_and_starts_no_mcomponent(tmp_path):
+    """LegoOS's p-local lines: never-written memory is zero-filled here, and
+    nothing is sent while every page fits (an unreachable --mem is never asked)."""
+    code = "x = b'x' * (4 << 20); y = bytearray(x); print(sum(y[::4096]))"
+    want = native([PY, "-c", code])
+    r = legorun([PY, "-c", code], stats_file=tmp_path / "s.json",
+                options=("--mem", f"unix:{tmp_path}/none.sock", "--excache", "64M"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want.stdout
+    assert r.stats["excache"]["faults"] > 0 and r.stats["excache"]["evictions"] == 0
+    assert "mComponent" not in r.stats["rpcs"]
 
 
 def test_records_workload_whose_lists_move_with_mremap_prints_what_it_prints_natively(mcomponent):

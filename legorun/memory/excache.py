@@ -16,20 +16,24 @@ a `syscall` instruction of its vDSO.
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections import OrderedDict
 
 from ..stats import Latencies
 from ..kernel import ptrace as pt
+from . import pagemap as PM
 from . import uffd as U
 
 PAGE = U.PAGE
+ZERO = bytes(PAGE)
 BATCH = 64                  # the smallest cache: two batches (MemoryManager.batch)
 PREFETCH = 16               # evicted pages fetched with a missed one (fault-around)
 NR_MADVISE = 28
 MADV_DONTNEED = 4
 FEATURES = U.UFFD_FEATURE_EVENT_REMAP | U.UFFD_FEATURE_EVENT_REMOVE | U.UFFD_FEATURE_EVENT_UNMAP \
-    | U.UFFD_FEATURE_THREAD_ID
+    | U.UFFD_FEATURE_THREAD_ID | U.UFFD_FEATURE_WP_ASYNC
+SPACE_ID_BYTES = 16
 
 
 class MemoryStats:
@@ -39,8 +43,11 @@ class MemoryStats:
         self.fetches = 0         # pages served from the mComponent (prefetched ones included)
         self.evictions = 0       # pages dropped from the ExCache
         self.writebacks = 0      # evicted pages stored (all-zero ones skipped)
+        self.clean_drops = 0     # evicted pages the mComponent already held as they were: no write-back
         self.deferred = 0        # evictions put off: the fault came from inside a syscall
         self.prefetched = 0      # evicted pages brought back with a missed neighbour
+        self.prefetch_used = 0   # prefetched pages written before their eviction
+        self.prefetch_unused = 0  # prefetched pages evicted unwritten (never used, or only read)
         self.not_present = 0     # victims found missing when evicted (books out of step)
         self.peak_resident = 0
         self.processes = 0       # processes whose memory was remote
@@ -73,17 +80,31 @@ def find_syscall_insn(pid: int) -> int:
 class ExCache:
     """One process's (one mm's) resident pages, evicted pages and regions."""
 
-    def __init__(self, manager, pid: int, uffd: U.Userfaultfd, space: bytes, insn: int) -> None:
+    def __init__(self, manager, pid: int, uffd: U.Userfaultfd, insn: int) -> None:
         self.manager = manager
         self.pid = pid
         self.uffd = uffd
-        self.space = space
+        # The space id is chosen here (a capability: 128 random bits); the
+        # space is created on the mComponent at the first page it must hold,
+        # so a run whose memory fits the ExCache makes no RPC at all.
+        self.space = secrets.token_bytes(SPACE_ID_BYTES)
+        self.created = False
         self.insn = insn
         self.resident: OrderedDict = OrderedDict()   # page -> None, oldest first
         self.stored: set = set()                     # pages whose data is on the mComponent
+        self.ahead: set = set()                      # resident pages that came as prefetch
         self.regions: list = []                      # [start, end, mapped on the mComponent]
         self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDWR)
+        self.pagemap = PM.Scanner(os.open(f"/proc/{pid}/pagemap", os.O_RDONLY))
         self.writebacks: list = []                   # store tickets not yet collected
+
+    def remote(self):
+        """The mComponent client, with this process's space created on it."""
+        client = self.manager.client()
+        if not self.created:
+            client.create_space(self.space)
+            self.created = True
+        return client
 
     # ---- regions
 
@@ -110,18 +131,18 @@ class ExCache:
     def _forget(self, start: int, end: int) -> None:
         for page in [p for p in self.resident if start <= p < end]:
             del self.resident[page]
+            self.ahead.discard(page)
         self.stored = {p for p in self.stored if not start <= p < end}
 
     def unmapped(self, start: int, end: int) -> None:
         self._forget(start, end)
-        client = self.manager.client()
         kept = []
         for r in self.regions:
             if r[1] <= start or end <= r[0]:
                 kept.append(r)
                 continue
             if r[2]:
-                client.unmap(self.space, max(r[0], start), min(r[1], end) - max(r[0], start))
+                self.remote().unmap(self.space, max(r[0], start), min(r[1], end) - max(r[0], start))
             if r[0] < start:
                 kept.append([r[0], start, r[2]])
             if end < r[1]:
@@ -132,7 +153,7 @@ class ExCache:
         """madvise(DONTNEED/FREE) by the guest: the range reads as zeros."""
         mapped = any(r[2] and r[0] < end and start < r[1] for r in self.regions)
         if mapped and any(start <= p < end for p in self.stored):
-            self.manager.client().discard(self.space, start, end - start)
+            self.remote().discard(self.space, start, end - start)
         self._forget(start, end)
 
     def remapped(self, old: int, new: int, length: int) -> None:
@@ -143,15 +164,22 @@ class ExCache:
         keeps the mComponent's record exact however the regions were learned.
         """
         delta = new - old
-        moving = sorted(p for p in self.stored if old <= p < old + length)
+        moving = sorted(p for p in self.stored if old <= p < old + length
+                        and p not in self.resident)
         moved = OrderedDict()
         for page in list(self.resident):
             if old <= page < old + length:
                 del self.resident[page]
                 moved[page + delta] = None
+                self.ahead.discard(page)
         self.resident.update(moved)
+        # a moved resident page is no longer held at its new address: it is
+        # read and stored at its eviction, clean or not (see evict)
         self.stored = {p for p in self.stored if not old <= p < old + length}
-        client = self.manager.client()
+        if not self.created:
+            self._move_regions(old, new, length)
+            return
+        client = self.remote()
         self.collect_writebacks()
         pages = []
         for i in range(0, len(moving), 512):
@@ -159,10 +187,7 @@ class ExCache:
             pages += [(p + delta, d) for p, d in zip(chunk, client.fetch(self.space, chunk)) if d]
         if any(r[2] and r[0] < old + length and old < r[1] for r in self.regions):
             client.unmap(self.space, old, length)
-        self.regions = [r for r in self.regions if r[1] <= old or old + length <= r[0]]
-        self.regions = [r for r in self.regions if r[1] <= new or new + length <= r[0]]
-        region = [new, new + length, False]
-        self.regions.append(region)
+        region = self._move_regions(old, new, length)
         if pages:
             client.map(self.space, new, length, if_absent=True)
             region[2] = True
@@ -170,14 +195,27 @@ class ExCache:
                 client.store(self.space, pages[i:i + 512])
             self.stored.update(p for p, _ in pages)
 
+    def _move_regions(self, old: int, new: int, length: int) -> list:
+        self.regions = [r for r in self.regions if r[1] <= old or old + length <= r[0]]
+        self.regions = [r for r in self.regions if r[1] <= new or new + length <= r[0]]
+        region = [new, new + length, False]
+        self.regions.append(region)
+        return region
+
     # ---- faults
 
-    def fault(self, tracer, address: int, tid: int, evict: bool = True) -> bool:
+    def fault(self, tracer, address: int, tid: int, evict: bool = True,
+              write: bool = False) -> bool:
         """Serve a missing page: from the mComponent if it was evicted, else
         zeros. A page legorun believes resident may fault again (a signal woke
         the thread, or the page was dropped while this fault waited): serving
         it again is harmless (EEXIST just wakes the thread). False: try again
-        later (the mm was changing)."""
+        later (the mm was changing).
+
+        Fetched pages are mapped write-protected (WP_ASYNC: the kernel lifts
+        it at the first write, with no message), so an eviction knows which
+        ones are still as the mComponent holds them; the faulting page of a
+        write fault is mapped writable at once."""
         page = address & ~(PAGE - 1)
         stats = self.manager.stats
         began = time.perf_counter()
@@ -196,22 +234,15 @@ class ExCache:
             stopped = self._make_room(tracer, tid)
         try:
             if page in self.stored:
-                datas = self.manager.client().fetch(self.space, group)
+                datas = self.remote().fetch(self.space, group)
                 stats.fetches += len(group)
                 stats.prefetched += len(group) - 1
                 # the faulting page first: its thread runs on while the rest land
-                order = [0] + list(range(1, len(group)))
-                for i in order:
-                    p, data = group[i], datas[i]
-                    if p != page and (p in self.resident or p not in self.stored):
-                        continue  # changed while fetching
-                    try:
-                        if self.uffd.copy(p, data or bytes(PAGE)) or p == page:
-                            self.resident[p] = None
-                    except BlockingIOError:
-                        if p == page:
-                            raise
-                        break  # the layout is changing: leave the rest for later
+                self.uffd.copy(page, datas[0] or ZERO, wp=not write)  # EEXIST: it is there
+                self.resident[page] = None
+                rest = [(p, d) for p, d in zip(group[1:], datas[1:])
+                        if p not in self.resident and p in self.stored]  # else changed meanwhile
+                self._install_ahead(rest)
             elif len(group) > 1 and self.uffd.zero(page, len(group) * PAGE):
                 stats.zero_fills += len(group)
                 for p in group:
@@ -234,6 +265,28 @@ class ExCache:
         self.manager.fault_done(self, page, len(group), stored, time.perf_counter() - began)
         return True
 
+    def _install_ahead(self, pages: list) -> None:
+        """Map prefetched (page, data) pairs, write-protected: one UFFDIO_COPY
+        per contiguous run."""
+        i = 0
+        while i < len(pages):
+            j = i + 1
+            while j < len(pages) and pages[j][0] == pages[j - 1][0] + PAGE:
+                j += 1
+            run = pages[i:j]
+            try:
+                try:
+                    self.uffd.copy(run[0][0], b"".join(d or ZERO for _, d in run), wp=True)
+                    done = run
+                except FileExistsError:  # some page is there already: one by one
+                    done = [(p, d) for p, d in run if self.uffd.copy(p, d or ZERO, wp=True)]
+            except BlockingIOError:
+                return  # the layout is changing: leave the rest for later
+            for p, _ in done:
+                self.resident[p] = None
+                self.ahead.add(p)
+            i = j
+
     def _make_room(self, tracer, tid: int) -> bool:
         """Evict a batch; True if the thread was stopped for it (resume it)."""
         try:
@@ -252,13 +305,32 @@ class ExCache:
         return True
 
     def evict(self, tracer, tid: int, victims: list) -> None:
-        """Write back and drop these resident pages; `tid` is stopped."""
+        """Write back and drop these resident pages; `tid` is stopped.
+
+        A page still write-protected since it was fetched is as the
+        mComponent holds it: dropped without a write-back. A page still the
+        shared zero page holds zeros: nothing to read. The rest are read
+        (one pread per contiguous run) and stored, all-zero ones excepted."""
         stats = self.manager.stats
-        client = self.manager.client()
-        stores, zeros = [], []
-        zero = bytes(PAGE)
-        gone = []
-        for start, length in _runs(sorted(victims)):  # one read per contiguous run
+        stores, zeros, gone, clean = [], [], [], []
+        need = []
+        for start, length in _runs(sorted(victims)):
+            for page, kind in self._kinds(start, start + length):
+                if kind is None:
+                    gone.append(page)
+                elif kind & PM.PAGE_IS_PFNZERO:
+                    zeros.append(page)
+                elif not kind & PM.PAGE_IS_WRITTEN and page in self.stored:
+                    clean.append(page)
+                else:
+                    need.append(page)
+                if page in self.ahead:
+                    if kind is not None and kind & PM.PAGE_IS_WRITTEN \
+                            and not kind & PM.PAGE_IS_PFNZERO:
+                        stats.prefetch_used += 1
+                    else:
+                        stats.prefetch_unused += 1
+        for start, length in _runs(need):  # one read per contiguous run
             try:
                 run = os.pread(self.mem_fd, length, start)
             except OSError:
@@ -272,20 +344,21 @@ class ExCache:
                         data = b""
                 if len(data) != PAGE:
                     gone.append(start + off)  # not present after all: nothing to save
-                elif data == zero:
+                elif data == ZERO:
                     zeros.append(start + off)
                 else:
                     stores.append((start + off, data))
-        for page, _ in stores:
-            region = self._region(page)
-            if region is not None and not region[2]:
-                client.map(self.space, region[0], region[1] - region[0], if_absent=True)
-                for r in self.regions:  # regions merged by the kernel: all recorded now
-                    if region[0] <= r[0] and r[1] <= region[1]:
-                        r[2] = True
-                region[2] = True
-        self.collect_writebacks()
         if stores:
+            client = self.remote()
+            for page, _ in stores:
+                region = self._region(page)
+                if region is not None and not region[2]:
+                    client.map(self.space, region[0], region[1] - region[0], if_absent=True)
+                    for r in self.regions:  # regions merged by the kernel: all recorded now
+                        if region[0] <= r[0] and r[1] <= region[1]:
+                            r[2] = True
+                    region[2] = True
+            self.collect_writebacks()
             self.manager.event(self.pid, "writeback", stores[0][0], len(stores), "mComponent", 0.0)
             # off the fault path: the reply is collected at the next eviction;
             # the server applies frames in order, so a later fetch sees them
@@ -295,16 +368,45 @@ class ExCache:
         # served from what was just stored
         for page in victims:
             self.resident.pop(page, None)
+        self.ahead.difference_update(victims)
         self.stored.update(p for p, _ in stores)
         self.stored.difference_update(zeros)
-        self.manager.stats.not_present += len(gone)
+        stats.not_present += len(gone)
+        stats.clean_drops += len(clean)
         stats.evictions += len(victims)
         self.manager.event(self.pid, "evict", min(victims), len(victims), "legorun", 0.0)
         for start, length in _runs(sorted(victims)):
             self._madvise(tracer, tid, start, length)
 
+    def _kinds(self, start: int, end: int):
+        """(page, PAGEMAP_SCAN categories or None if not mapped) for each page
+        of [start, end); every page counts as written if the kernel cannot say."""
+        if self.pagemap is None:
+            for page in range(start, end, PAGE):
+                yield page, PM.PAGE_IS_PRESENT | PM.PAGE_IS_WRITTEN
+            return
+        try:
+            regions = self.pagemap.categories(start, end)
+        except OSError:  # no PAGEMAP_SCAN (Linux < 6.7): write every page back
+            self.pagemap = None
+            yield from self._kinds(start, end)
+            return
+        at = start
+        for lo, hi, kind in regions:
+            for page in range(at, lo, PAGE):
+                yield page, None
+            if not kind & PM.PAGE_IS_PRESENT:
+                kind = None
+            for page in range(lo, hi, PAGE):
+                yield page, kind
+            at = hi
+        for page in range(at, end, PAGE):
+            yield page, None
+
     def collect_writebacks(self) -> None:
         """Raise (ComponentError) if a write-back in flight was refused."""
+        if not self.writebacks:
+            return
         client = self.manager.client()
         tickets, self.writebacks = self.writebacks, []
         for ticket in tickets:
@@ -329,12 +431,11 @@ class ExCache:
     def make_local(self) -> None:
         """Bring every remote page back and stop following this process's memory
         (it is about to start a thread or a child; it is stopped)."""
-        client = self.manager.client()
-        pages = sorted(self.stored)
+        pages = sorted(p for p in self.stored if p not in self.resident)
         for i in range(0, len(pages), 512):
             chunk = pages[i:i + 512]
-            for page, data in zip(chunk, client.fetch(self.space, chunk)):
-                self.uffd.copy(page, data or bytes(PAGE))
+            for page, data in zip(chunk, self.remote().fetch(self.space, chunk)):
+                self.uffd.copy(page, data or ZERO)
         for start, end, _ in self.regions:
             try:
                 self.uffd.unregister(start, end - start)
@@ -351,8 +452,13 @@ class ExCache:
         if self.mem_fd >= 0:
             os.close(self.mem_fd)
             self.mem_fd = -1
+        if self.pagemap is not None:
+            os.close(self.pagemap.fd)
+            self.pagemap = None
         self.manager.forget(self)
         self.uffd.close()
+        if not self.created:
+            return
         try:
             self.manager.client().free_space(self.space)
         except Exception:  # noqa: BLE001 - the component may be gone; its lease frees it

@@ -22,12 +22,17 @@ UFFDIO_WAKE = _ioc(_IOR, 0x02, 16)
 UFFDIO_COPY = _ioc(_IOWR, 0x03, 40)
 UFFDIO_ZEROPAGE = _ioc(_IOWR, 0x04, 32)
 
+UFFDIO_WRITEPROTECT = _ioc(_IOWR, 0x06, 24)
+
 UFFDIO_REGISTER_MODE_MISSING = 1
+UFFDIO_REGISTER_MODE_WP = 2
+UFFDIO_COPY_MODE_WP = 2
 
 UFFD_FEATURE_EVENT_REMAP = 1 << 2
 UFFD_FEATURE_EVENT_REMOVE = 1 << 3
 UFFD_FEATURE_EVENT_UNMAP = 1 << 6
 UFFD_FEATURE_THREAD_ID = 1 << 8
+UFFD_FEATURE_WP_ASYNC = 1 << 15
 
 UFFD_EVENT_PAGEFAULT = 0x12
 UFFD_EVENT_FORK = 0x13
@@ -71,18 +76,22 @@ class Userfaultfd:
         buf = bytearray(struct.pack("<QQQ", UFFD_API, features, 0))
         fcntl.ioctl(self.fd, UFFDIO_API, buf)
 
-    def register(self, start: int, length: int) -> None:
-        buf = bytearray(struct.pack("<QQQQ", start, length, UFFDIO_REGISTER_MODE_MISSING, 0))
+    def register(self, start: int, length: int,
+                 mode: int = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP) -> None:
+        buf = bytearray(struct.pack("<QQQQ", start, length, mode, 0))
         fcntl.ioctl(self.fd, UFFDIO_REGISTER, buf)
 
     def unregister(self, start: int, length: int) -> None:
         fcntl.ioctl(self.fd, UFFDIO_UNREGISTER, bytearray(struct.pack("<QQ", start, length)))
 
-    def copy(self, dst: int, data: bytes) -> bool:
-        """Map a page with these contents (and wake the faulting thread);
+    def copy(self, dst: int, data: bytes, wp: bool = False) -> bool:
+        """Map pages with these contents (len(data) a multiple of PAGE) and
+        wake the faulting thread; with `wp`, write-protected (with WP_ASYNC the
+        kernel lifts that at the first write, which marks the page written).
         False if a page was already there (a raced, repeated fault)."""
         src = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
-        struct.pack_into("<QQQQq", self._copy, 0, dst, src, len(data), 0, 0)
+        struct.pack_into("<QQQQq", self._copy, 0, dst, src, len(data),
+                         UFFDIO_COPY_MODE_WP if wp else 0, 0)
         try:
             fcntl.ioctl(self.fd, UFFDIO_COPY, self._copy)
         except FileExistsError:

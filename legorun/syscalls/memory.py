@@ -65,14 +65,13 @@ def _setup(s, a):
                 uffd = U.Userfaultfd.take(proc.pid, guest_fd)
                 uffd.api(FEATURES)
                 insn = find_syscall_insn(proc.pid)
-                space = s.memory.client().create_space()
             except OSError as e:
                 proc.excache_off = True
                 s.say_once("uffd", f"cannot serve the guest's memory remotely ({e}); it stays local")
                 uffd = None
             tracer.inject_syscall(t, NR_CLOSE, (guest_fd,))
             if uffd is not None:
-                proc.excache = ExCache(s.memory, proc.pid, uffd, space, insn)
+                proc.excache = ExCache(s.memory, proc.pid, uffd, insn)
                 s.memory.add(proc.excache)
         result = tracer.inject_syscall(t, NR_MMAP, a)
         if result >= 0 and proc.excache is not None:

@@ -933,8 +933,11 @@ def _writable(ofd):
         raise GuestError(E.EBADF)
 
 
-PIECE = 512 * 1024   # bytes per data frame: pieces of one call travel pipelined
-BATCH = 16           # frames in flight per exchange (4 MiB)
+# Bytes per data frame; the pieces of one call travel pipelined. Each frame
+# costs ~0.1 ms of gRPC on both sides, more than pipelining smaller pieces
+# saves: a 1 MiB write took ~0.85 ms as one frame, ~1.05 ms as two.
+PIECE = 1024 * 1024
+BATCH = 8            # frames in flight per exchange (8 MiB)
 
 
 def _client(s, mount):

@@ -48,6 +48,7 @@ NAME = "scomponent"
 SYS_openat2 = 437
 SYS_faccessat2 = 439
 SYS_fchmodat2 = 452
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt(3), glibc's malloc.h
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
@@ -300,6 +301,20 @@ def read_reply(fd: int, rid: int, offset: int, length: int) -> bytes:
         got += n
     ctypes.memmove(base, wire.REP.pack(rid, 0, got, offset), wire.REP.size)
     return frame if got == length else frame[:wire.REP.size + got]
+
+
+def keep_frame_memory() -> None:
+    """Let glibc keep data frames' memory for the next frame.
+
+    Each frame is a fresh buffer of up to 16 MiB, in gRPC and then in
+    Python. By default every one is mmapped, faulted in page by page and
+    unmapped after its reply; served from the heap (below 32 MiB) and kept
+    there (up to 64 MiB free), the next frame reuses warm pages: a 1 MiB
+    write's round trip took ~0.85 ms instead of ~1.0 ms. Both settings are
+    needed: either alone was no faster."""
+    if hasattr(_libc, "mallopt"):  # glibc
+        _libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        _libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
 
 def write_at(fd: int, data, offset: int, append: bool) -> tuple:
@@ -721,6 +736,7 @@ def main(argv: list[str] | None = None) -> int:
         root = ConfinedRoot(args.root)
     except OSError as e:
         common.die(f"cannot serve --root {args.root}: {e.strerror}")
+    keep_frame_memory()
     servicer = StorageServicer(root)
     # Clients send modes with their own umask applied (Open.mode, Mkdir.mode):
     # the server's must not take more bits away.

@@ -35,6 +35,12 @@ class EmbeddedComponent:
         self._dir = None
 
     def start(self, timeout: float = 15.0, cpus=None) -> str:
+        """Start the server and wait until it listens; returns its address."""
+        self.launch(cpus)
+        return self.wait_ready(timeout)
+
+    def launch(self, cpus=None) -> None:
+        """Start the server process without waiting for it (see wait_ready)."""
         self._dir = tempfile.mkdtemp(prefix="legorun-")
         sock = os.path.join(self._dir, f"{self.kind}.sock")
         self.address = f"unix:{sock}"
@@ -48,6 +54,9 @@ class EmbeddedComponent:
             raise StartError(f"cannot start the {self.kind}: {e.strerror}") from e
         if cpus:
             os.sched_setaffinity(self.proc.pid, cpus)
+
+    def wait_ready(self, timeout: float = 15.0) -> str:
+        """Wait until the launched server listens; returns its address."""
         deadline = time.monotonic() + timeout
         line = b""
         while time.monotonic() < deadline:

@@ -117,6 +117,40 @@ def test_pages_read_but_not_written_since_their_fetch_are_dropped_without_a_writ
     assert _held(mcomponent) == (0, 0)
 
 
+GROW_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+int main(void) {
+    /* a 64 GiB PROT_NONE reservation, made usable piece by piece as glibc's
+       thread arenas are (mprotect splits the mapping under fault-around) */
+    size_t max = (size_t)64 << 30, n = 8 << 20, step = 132 << 10, rw = 0, bad = 0;
+    unsigned char *p = mmap(NULL, max, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) return 2;
+    for (size_t i = 0; i < n; i += 64) {
+        if (i >= rw) { mprotect(p + rw, step, PROT_READ | PROT_WRITE); rw += step; }
+        p[i] = (unsigned char)(i * 7 + 1);
+    }
+    for (int pass = 0; pass < 3; pass++)
+        for (size_t i = 0; i < n; i += 64) bad += p[i] != (unsigned char)(i * 7 + 1);
+    printf("bad %zu\n", bad);
+    return bad != 0;
+}
+"""
+
+
+def test_a_huge_reservation_made_usable_by_mprotect_piece_by_piece_keeps_every_byte(
+        mcomponent, tmp_path):
+    exe = compile_c(tmp_path, "grow", GROW_C)
+    r = legorun([exe], stats_file=tmp_path / "s.json",
+                options=("--mem", mcomponent, "--excache", "1M"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "bad 0\n"
+    ex = r.stats["excache"]
+    assert ex["evictions"] > 3 * 2048 and ex["peak_resident"] <= ex["capacity_pages"], ex
+    assert _held(mcomponent) == (0, 0)
+
+
 def test_a_run_without_memory_options_makes_no_memory_rpc(tmp_path):
     r = legorun([PY, "-c", "print(sum(range(10**6)))"], stats_file=tmp_path / "s.json")
     assert r.stdout == "499999500000\n"

@@ -275,10 +275,9 @@ class ExCache:
                 j += 1
             run = pages[i:j]
             try:
-                try:
-                    self.uffd.copy(run[0][0], b"".join(d or ZERO for _, d in run), wp=True)
+                if self.uffd.copy(run[0][0], b"".join(d or ZERO for _, d in run), wp=True):
                     done = run
-                except FileExistsError:  # some page is there already: one by one
+                else:  # a page is there already, or the run spans mappings: one by one
                     done = [(p, d) for p, d in run if self.uffd.copy(p, d or ZERO, wp=True)]
             except BlockingIOError:
                 return  # the layout is changing: leave the rest for later

@@ -94,21 +94,27 @@ class Userfaultfd:
                          UFFDIO_COPY_MODE_WP if wp else 0, 0)
         try:
             fcntl.ioctl(self.fd, UFFDIO_COPY, self._copy)
-        except FileExistsError:
+        except (FileExistsError, FileNotFoundError):
+            # EEXIST: there already; ENOENT: the range is not one registered
+            # mapping (any more): it was split (mprotect) or is being unmapped
             return False
         return True
 
     def zero(self, dst: int, length: int = PAGE) -> bool:
-        """Map the zero page over [dst, dst+length); False if a page was there."""
+        """Map the zero page over [dst, dst+length); False if a page was there
+        or the range is not one registered mapping."""
         buf = bytearray(struct.pack("<QQQq", dst, length, 0, 0))
         try:
             fcntl.ioctl(self.fd, UFFDIO_ZEROPAGE, buf)
-        except FileExistsError:
+        except (FileExistsError, FileNotFoundError):  # as for copy
             return False
         return True
 
     def wake(self, start: int, length: int) -> None:
-        fcntl.ioctl(self.fd, UFFDIO_WAKE, bytearray(struct.pack("<QQ", start, length)))
+        try:
+            fcntl.ioctl(self.fd, UFFDIO_WAKE, bytearray(struct.pack("<QQ", start, length)))
+        except OSError:
+            pass  # no longer registered: the thread was woken by the unmap
 
     def messages(self):
         """Every message waiting now, as (event, a, b, c) tuples."""

@@ -403,6 +403,41 @@ def test_data_frames_write_append_and_read(shared, client):
     assert wire.REP.unpack_from(replies[3])[1] == errno.ENOENT
 
 
+def _experiments_after_import_grpc(env_extra):
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+    env.update(env_extra)
+    code = ("import os; from legorun.grpc_transport import import_grpc; import_grpc(); "
+            "print(os.environ.get('GRPC_EXPERIMENTS'))")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def test_server_transport_choice_is_not_left_in_the_environment():
+    # gRPC reads the variable while it loads; whatever the server starts
+    # later (and a guest's environment) sees the user's value or none.
+    assert _experiments_after_import_grpc({}) == "None"
+    assert _experiments_after_import_grpc({"GRPC_EXPERIMENTS": "event_engine_listener"}) \
+        == "event_engine_listener"
+
+
+def test_server_on_grpc_default_endpoints_still_serves_data(tmp_path):
+    # The user's GRPC_EXPERIMENTS comes last and wins: gRPC's default back.
+    from legorun import wire
+    server = start_server(tmp_path / "root", f"unix:{tmp_path}/s.sock",
+                          env_extra={"GRPC_EXPERIMENTS": "event_engine_listener"})
+    try:
+        with StorageClient(server.address) as c:
+            data = os.urandom(MiB)
+            rid = c.new_ids(2)
+            (tmp_path / "root" / "f").write_bytes(b"")
+            replies = c.exchange([wire.REQ.pack(rid, wire.WRITE, 1, MiB, 0) + b"f" + data,
+                                  wire.REQ.pack(rid + 1, wire.READ, 1, MiB, 0) + b"f"], "data")
+            assert wire.REP.unpack_from(replies[0]) == (rid, 0, MiB, 0)
+            assert replies[1][wire.REP.size:] == data
+    finally:
+        server.stop()
+
+
 def test_killed_server_makes_the_next_call_fail_promptly(tmp_path):
     server = start_server(tmp_path / "root", f"unix:{tmp_path}/s.sock")
     c = StorageClient(server.address)

@@ -57,7 +57,8 @@ class Process:
 class Thread:
     """One traced task (tid). Registers are fetched once per stop."""
 
-    __slots__ = ("tid", "process", "regs", "on_exit", "pending_signal", "attached", "path_addr")
+    __slots__ = ("tid", "process", "regs", "on_exit", "pending_signal", "attached", "path_addr",
+                 "clear_tid", "next_clear_tid")
 
     def __init__(self, tid: int, process: Process | None) -> None:
         self.tid = tid
@@ -67,6 +68,8 @@ class Thread:
         self.pending_signal = 0    # a signal that arrived during an injected syscall
         self.attached = False
         self.path_addr = 0         # the path argument the current handler read
+        self.clear_tid = 0         # CLONE_CHILD_CLEARTID address (remote memory only)
+        self.next_clear_tid = 0    # the same, for the thread this one is creating
 
     # ---- registers
 

@@ -52,6 +52,19 @@ def _tgkill(tgid: int, tid: int, sig: int) -> None:
         pass
 
 
+def _in_kernel_fault(tid: int) -> bool:
+    """Blocked in a userfaultfd fault taken inside a syscall (not interruptible
+    by PTRACE_INTERRUPT until the fault is served)."""
+    try:
+        with open(f"/proc/{tid}/wchan") as f:
+            if f.read() != "handle_userfault":
+                return False
+        with open(f"/proc/{tid}/syscall") as f:
+            return f.read().split()[0] not in ("-1", "running")
+    except (OSError, IndexError):
+        return False
+
+
 def _kernel_result(tracer, t, result: int) -> int:
     return result
 
@@ -86,6 +99,8 @@ class Tracer:
         self.stats = session.stats
         self.handlers = table.HANDLERS
         self.parked: dict = {}  # tid -> (Thread, Park, nr, start): blocked in a lock wait
+        self.deferred: list = []  # (tid, status) stops seen while holding threads, to handle
+        self.frozen: set = set()  # tids blocked in a fault in a syscall during an eviction
 
     # ---- start
 
@@ -215,6 +230,8 @@ class Tracer:
                     if tid == 0:
                         break
                     self._on_wait(tid, status)
+                while self.deferred:
+                    self._on_wait(*self.deferred.pop(0))
                 for cache in list(memory.by_fd.values()):
                     try:
                         self._serve(cache)
@@ -288,6 +305,67 @@ class Tracer:
                 self.threads[tid].pending_signal = sig
             pt.cont(tid)
 
+    def hold_threads(self, tid: int, cache) -> list:
+        """Stop every other thread of `tid`'s process (PTRACE_INTERRUPT), serving
+        `cache`'s faults meanwhile; returns the tids to resume.
+
+        A thread that stops for another reason first (a syscall, a signal)
+        stays stopped and its stop is handled later, from the main loop. A
+        thread blocked in a page fault inside a syscall (futex on an evicted
+        word, read(2) into an evicted buffer) cannot stop before its fault is
+        served: it is *frozen* instead, its faults left unserved until
+        release_threads(), so neither it nor the kernel on its behalf runs
+        while victims are read and dropped."""
+        import select
+        t = self.threads.get(tid)
+        if t is None or t.process is None or len(t.process.threads) < 2:
+            return []
+        waiting = set()
+        for o in t.process.threads:
+            if o.tid == tid or not o.attached or o.tid in self.parked \
+                    or any(d[0] == o.tid for d in self.deferred):
+                continue
+            try:
+                pt.interrupt(o.tid)
+                waiting.add(o.tid)
+            except ProcessLookupError:
+                pass
+        held: list = []
+        retry: list = []
+        while waiting:
+            for other in list(waiting):
+                try:
+                    got, status = os.waitpid(other, pt.WALL | os.WNOHANG)
+                except ChildProcessError:
+                    waiting.discard(other)
+                    continue
+                if got:
+                    waiting.discard(other)
+                    if os.WIFSTOPPED(status):
+                        self.stats.ptrace_stops += 1
+                        if (status >> 16) == pt.PTRACE_EVENT_STOP:
+                            held.append(other)
+                        else:
+                            self.deferred.append((other, status))
+                    else:
+                        self._on_wait(other, status)
+                elif _in_kernel_fault(other):
+                    waiting.discard(other)
+                    self.frozen.add(other)  # its interrupt stop comes once it is served
+            if waiting:
+                self._serve_meanwhile(cache, None, retry)
+                select.select([cache.uffd.fd], [], [], 0.001)
+        self.pending_uffd += [(cache, m) for m in retry]
+        return held
+
+    def release_threads(self, held: list) -> None:
+        self.frozen.clear()
+        for tid in held:
+            try:
+                pt.cont(tid)
+            except ProcessLookupError:
+                pass
+
     def wait_step(self, tid: int, cache, removing: tuple) -> None:
         """After PTRACE_SINGLESTEP through an injected madvise: the madvise waits
         until its REMOVE event is read, so read the userfaultfd meanwhile."""
@@ -299,7 +377,6 @@ class Tracer:
         """waitpid(tid) while serving `cache`'s userfaultfd (faults without
         eviction; REMOVE events of `removing` are legorun's own)."""
         import select
-        from .memory import uffd as U
         retry: list = []
         while True:
             try:
@@ -311,21 +388,29 @@ class Tracer:
                     self.stats.ptrace_stops += 1
                 self.pending_uffd += [(cache, m) for m in retry]
                 return status
-            for m in list(cache.uffd.messages()):
-                if m[0] == U.UFFD_EVENT_REMOVE and removing and removing[0] <= m[1] \
-                        and m[2] <= removing[1]:
-                    continue  # our own drop
-                if m[0] == U.UFFD_EVENT_PAGEFAULT:
-                    if not cache.fault(self, m[2], m[3] & 0xFFFFFFFF, evict=False,
-                                       write=bool(m[1] & U.UFFD_PAGEFAULT_FLAG_WRITE)):
-                        retry.append(m)
-                else:
-                    self.pending_uffd.append((cache, m))
-            for m in retry[:]:
-                if cache.fault(self, m[2], m[3] & 0xFFFFFFFF, evict=False,
-                               write=bool(m[1] & U.UFFD_PAGEFAULT_FLAG_WRITE)):
-                    retry.remove(m)
+            self._serve_meanwhile(cache, removing, retry)
             select.select([cache.uffd.fd], [], [], 0.001)
+
+    def _serve_meanwhile(self, cache, removing, retry: list) -> None:
+        """Serve the faults waiting on `cache`'s userfaultfd without evicting,
+        except those of frozen threads (they stay blocked until the eviction
+        is over); other events are queued for the main loop."""
+        from .memory import uffd as U
+        for m in list(cache.uffd.messages()):
+            if m[0] == U.UFFD_EVENT_REMOVE and removing and removing[0] <= m[1] \
+                    and m[2] <= removing[1]:
+                continue  # our own drop
+            if m[0] == U.UFFD_EVENT_PAGEFAULT and (m[3] & 0xFFFFFFFF) not in self.frozen:
+                retry.append(m)
+            else:
+                self.pending_uffd.append((cache, m))
+        for m in retry[:]:
+            if (m[3] & 0xFFFFFFFF) in self.frozen:  # frozen since it was queued
+                retry.remove(m)
+                self.pending_uffd.append((cache, m))
+            elif cache.fault(self, m[2], m[3] & 0xFFFFFFFF, evict=False,
+                             write=bool(m[1] & U.UFFD_PAGEFAULT_FLAG_WRITE)):
+                retry.remove(m)
 
     def _run_with_parked(self) -> None:
         """Some threads wait for a lock: wake up for tracee events or to retry them."""
@@ -408,6 +493,10 @@ class Tracer:
         elif event == pt.PTRACE_EVENT_EXIT:
             if t.process is not None and t.tid == t.process.pid:
                 self._note_peak_rss(t.tid)
+            if t.clear_tid and t.process is not None and t.process.excache is not None:
+                # the kernel writes 0 there on its way out, where a fault can
+                # no longer be served (PF_EXITING): pthread_join waits for it
+                t.process.excache.ensure(t.clear_tid, 4, pin=True)
             pt.cont(t.tid)
         elif event:
             pt.cont(t.tid)
@@ -570,6 +659,8 @@ class Tracer:
         elif event == pt.PTRACE_EVENT_VFORK:
             flags = CLONE_VM | CLONE_VFORK
         elif regs.orig_rax == NR_CLONE3:
+            if parent.process.excache is not None:
+                parent.process.excache.ensure(regs.rdi, 8)
             flags = int.from_bytes(parent.read_bytes(regs.rdi, 8), "little")
         else:
             flags = regs.rdi
@@ -589,6 +680,7 @@ class Tracer:
             child.process = proc
             if child.attached:  # its first stop came before this event
                 pt.cont(child_tid)
+        child.clear_tid, parent.next_clear_tid = parent.next_clear_tid, 0
         proc.threads.add(child)
         pt.cont(parent.tid)
 
@@ -620,6 +712,8 @@ class Tracer:
         if proc is None:
             return
         proc.threads.discard(t)
+        if t.clear_tid and proc.excache is not None:
+            proc.excache.unpin(t.clear_tid)
         if not proc.threads:
             if proc.excache is not None:
                 proc.excache.close()

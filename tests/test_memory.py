@@ -151,6 +151,78 @@ def test_a_huge_reservation_made_usable_by_mprotect_piece_by_piece_keeps_every_b
     assert _held(mcomponent) == (0, 0)
 
 
+THREADS_C = r"""
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#define T 4
+static unsigned char *p;
+static size_t per;
+static int passes;
+static unsigned char val(size_t i, int pass) { return (unsigned char)((i >> 6) * 7 + pass); }
+static void *work(void *arg) {
+    size_t lo = (size_t)arg * per, bad = 0;
+    for (int pass = 0; pass < passes; pass++) {
+        for (size_t i = lo; i < lo + per; i += 64) p[i] = val(i, pass);
+        for (size_t i = lo; i < lo + per; i += 64) bad += p[i] != val(i, pass);
+    }
+    return (void *)bad;
+}
+int main(int argc, char **argv) {
+    size_t n = (size_t)atoi(argv[1]) << 20;
+    passes = atoi(argv[2]);
+    per = n / T;
+    p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    pthread_t th[T];
+    for (long i = 0; i < T; i++) pthread_create(&th[i], NULL, work, (void *)i);
+    size_t bad = 0;
+    for (int i = 0; i < T; i++) { void *r; pthread_join(th[i], &r); bad += (size_t)r; }
+    for (size_t i = 0; i < n; i += 64) bad += p[i] != val(i, passes - 1);  /* after the joins */
+    printf("bad %zu\n", bad);
+    return bad != 0;
+}
+"""
+
+
+def test_threads_faulting_at_once_keep_every_byte_and_stay_remote(mcomponent, tmp_path):
+    exe = compile_c(tmp_path, "threads", THREADS_C, flags=("-pthread",))
+    r = legorun([exe, "8", "3"], stats_file=tmp_path / "s.json", timeout=300,
+                options=("--mem", mcomponent, "--excache", "1M"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "bad 0\n"
+    assert "local from now on" not in r.stderr
+    ex = r.stats["excache"]
+    assert ex["made_local"] == 0 and ex["evictions"] > 3 * 2048 and ex["fetches"] > 0, ex
+    assert ex["peak_resident"] <= ex["capacity_pages"] + 64, ex
+    assert _held(mcomponent) == (0, 0)
+
+
+PY_THREADS = textwrap.dedent("""
+    from concurrent.futures import ThreadPoolExecutor
+    import random
+    def work(k):
+        rnd = random.Random(k)
+        d = {i: [rnd.random() for _ in range(20)] for i in range(3000)}
+        return k, round(sum(sum(v) for v in d.values()), 6), sorted(d.items(), key=lambda kv: kv[1][0])[0][0]
+    with ThreadPoolExecutor(8) as ex:   # glibc gives each thread an arena of its own
+        for r in ex.map(work, range(12)):
+            print(*r)
+""")
+
+
+def test_python_threads_with_their_own_malloc_arenas_print_what_they_print_natively(
+        mcomponent, tmp_path):
+    want = native([PY, "-c", PY_THREADS])
+    r = legorun([PY, "-c", PY_THREADS], stats_file=tmp_path / "s.json", timeout=300,
+                options=("--mem", mcomponent, "--excache", "12M"))  # about half its peak RSS
+    assert want.returncode == 0 and r.returncode == 0, r.stderr
+    assert r.stdout == want.stdout
+    ex = r.stats["excache"]
+    assert ex["made_local"] == 0 and ex["evictions"] > 0 and ex["fetches"] > 0, ex
+    assert _held(mcomponent) == (0, 0)
+
+
 def test_a_run_without_memory_options_makes_no_memory_rpc(tmp_path):
     r = legorun([PY, "-c", "print(sum(range(10**6)))"], stats_file=tmp_path / "s.json")
     assert r.stdout == "499999500000\n"

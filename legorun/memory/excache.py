@@ -1,17 +1,17 @@
 """The ExCache: a bounded set of a guest process's anonymous pages stays
 resident; the rest lives on the mComponent (LegoOS's pComponent cache).
 
-This first step covers the anonymous private mappings a process makes with
-mmap after it starts (malloc's large blocks, CPython's arenas), for a
-process with one thread: FIFO eviction (LegoOS's best), every evicted page
-written back (an all-zero one costs nothing), never-written pages zero-filled
-locally without an RPC. When the process starts a thread or a child, its
-remote pages are brought back and its memory is local from then on (said
-once): threads and fork come in the next step.
+It covers the anonymous private mappings a process makes with mmap after it
+starts (malloc's large blocks, CPython's arenas, thread stacks), for all of
+its threads: FIFO eviction (LegoOS's best), dirty pages written back (an
+all-zero one costs nothing), clean ones dropped, never-written pages
+zero-filled locally without an RPC. When the process starts a child (fork,
+vfork), its remote pages are brought back and its memory is local from then
+on (said once).
 
-Dropping a page needs madvise(MADV_DONTNEED) run by the guest itself: the
-faulting thread is interrupted (PTRACE_INTERRUPT) and single-stepped through
-a `syscall` instruction of its vDSO.
+Dropping a page needs madvise(MADV_DONTNEED) run by the guest itself: every
+thread of the process is interrupted (PTRACE_INTERRUPT), and the faulting
+one is single-stepped through a `syscall` instruction of its vDSO.
 """
 from __future__ import annotations
 
@@ -93,6 +93,7 @@ class ExCache:
         self.resident: OrderedDict = OrderedDict()   # page -> None, oldest first
         self.stored: set = set()                     # pages whose data is on the mComponent
         self.ahead: set = set()                      # resident pages that came as prefetch
+        self.pinned: set = set()                     # resident pages never to evict (ensure)
         self.regions: list = []                      # [start, end, mapped on the mComponent]
         self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDWR)
         self.pagemap = PM.Scanner(os.open(f"/proc/{pid}/pagemap", os.O_RDONLY))
@@ -223,7 +224,9 @@ class ExCache:
         group = [page]
         stored = page in self.stored
         region = self._region(page) if not stored else None
-        for i in range(1, PREFETCH):  # fault-around: the pages that follow come too
+        # fault-around: the pages that follow come too (not while evicting is
+        # impossible: that would only overfill the cache)
+        for i in range(1, PREFETCH if evict else 1):
             nxt = page + i * PAGE
             if nxt in self.resident or (nxt in self.stored) != stored or \
                     (region is not None and nxt >= region[1]):
@@ -296,12 +299,51 @@ class ExCache:
         if state != "-1":  # inside a syscall (a kernel fault) or running: later
             self.manager.stats.deferred += 1
             return False
-        pt.interrupt(tid)
-        if not tracer.wait_interrupt(tid, self):
-            return False
-        victims = list(self.resident)[:self.manager.batch]
-        self.evict(tracer, tid, victims)
-        return True
+        # Every other thread of the mm is stopped first: none may write a
+        # victim between its read and its drop (nor the kernel on its behalf).
+        held = tracer.hold_threads(tid, self)
+        try:
+            pt.interrupt(tid)
+            if not tracer.wait_interrupt(tid, self):
+                return False
+            # a batch, and what faults served meanwhile put over the capacity
+            count = self.manager.batch + max(0, len(self.resident) - self.manager.capacity)
+            victims = []
+            for page in self.resident:
+                if page not in self.pinned:
+                    victims.append(page)
+                    if len(victims) == count:
+                        break
+            if victims:
+                self.evict(tracer, tid, victims)
+            return True
+        finally:
+            tracer.release_threads(held)
+
+    def ensure(self, addr: int, length: int, pin: bool = False) -> None:
+        """Make the registered pages of [addr, addr+length) resident without
+        evicting (legorun is about to read them, or the kernel to write them
+        where no fault can be served); with `pin`, keep them from eviction
+        until unpin(). Pages outside the registered regions (the main stack,
+        say) are left alone: they are not the ExCache's."""
+        for page in range(addr & ~(PAGE - 1), addr + max(length, 1), PAGE):
+            if page in self.resident or not any(r[0] <= page < r[1] for r in self.regions):
+                continue
+            if pin:
+                self.pinned.add(page)
+            try:
+                if page in self.stored:
+                    data = self.remote().fetch(self.space, [page])[0]
+                    mapped = self.uffd.copy(page, data or ZERO, wp=True)
+                else:
+                    mapped = self.uffd.zero(page)
+            except BlockingIOError:
+                continue  # the layout is changing: its fault is served as usual
+            if mapped:
+                self.resident[page] = None
+
+    def unpin(self, addr: int) -> None:
+        self.pinned.discard(addr & ~(PAGE - 1))
 
     def evict(self, tracer, tid: int, victims: list) -> None:
         """Write back and drop these resident pages; `tid` is stopped.

@@ -16,6 +16,9 @@ MAP_GROWSDOWN = 0x100
 MAP_HUGETLB = 0x40000
 O_CLOEXEC = 0o2000000
 O_NONBLOCK = 0o4000
+CLONE_THREAD = 0x10000
+CLONE_CHILD_CLEARTID = 0x200000
+CLONE_ARGS_CHILD_TID = 16   # offsetof(struct clone_args, child_tid)
 NR_MMAP = NR["mmap"]
 NR_CLOSE = NR["close"]
 
@@ -81,14 +84,30 @@ def _setup(s, a):
 
 
 def sys_new_task(s, t, a):
-    """clone/clone3/fork/vfork: threads and children come in the next step, so
-    the process's memory is brought back and stays local from now on."""
+    """clone/clone3/fork/vfork. A thread shares its process's ExCache (the
+    address its exit clears is noted: see Tracer); a child process (fork,
+    vfork, clone without CLONE_THREAD) has its parent's memory brought back
+    first, and that memory stays local from then on."""
     proc = t.process
-    if proc.excache is not None:
-        proc.excache.make_local()
-        proc.excache = None
-        proc.excache_off = True
-        s.say_once(f"local{proc.pid}", f"pid {proc.pid} starts a thread or a child process: its "
-                                       "memory is local from now on (remote memory covers "
-                                       "single-threaded processes for now)")
+    cache = proc.excache
+    if cache is None:
+        return None
+    nr = t.regs.orig_rax
+    flags = ctid = 0
+    if nr == NR["clone"]:
+        flags, ctid = a[0], a[3]
+    elif nr == NR["clone3"]:
+        cache.ensure(a[0], CLONE_ARGS_CHILD_TID + 8)
+        raw = t.read_bytes(a[0], CLONE_ARGS_CHILD_TID + 8)
+        flags = int.from_bytes(raw[:8], "little")
+        ctid = int.from_bytes(raw[CLONE_ARGS_CHILD_TID:], "little")
+    if flags & CLONE_THREAD:
+        t.next_clear_tid = ctid if flags & CLONE_CHILD_CLEARTID else 0
+        return None
+    cache.make_local()
+    proc.excache = None
+    proc.excache_off = True
+    s.say_once(f"local{proc.pid}", f"pid {proc.pid} starts a child process: its memory is "
+                                   "local from now on (remote memory covers the threads of "
+                                   "one process for now, not fork)")
     return None

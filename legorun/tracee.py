@@ -52,6 +52,7 @@ class Process:
     lock_files: set = field(default_factory=set)  # (mount, path) with fcntl locks of this process
     excache: object = None     # legorun.memory.excache.ExCache when its memory is remote
     excache_off: bool = False  # remote memory given up for this process (made local)
+    shares_mm: object = None   # the ExCache of the parent whose mm a vfork child runs in
 
 
 class Thread:

@@ -279,8 +279,15 @@ class Tracer:
             if cache.uffd.fd < 0:
                 return  # made local or gone meanwhile
             if event == U.UFFD_EVENT_PAGEFAULT:
-                if not cache.fault(self, b, c & 0xFFFFFFFF, write=bool(a & U.UFFD_PAGEFAULT_FLAG_WRITE)):
+                tid = c & 0xFFFFFFFF
+                t = self.threads.get(tid)
+                # a vfork child runs in this mm but is not stopped for evictions
+                evict = t is None or t.process is None or t.process.excache is cache
+                if not cache.fault(self, b, tid, evict=evict,
+                                   write=bool(a & U.UFFD_PAGEFAULT_FLAG_WRITE)):
                     self.pending_uffd.append((cache, (event, a, b, c)))
+            elif event == U.UFFD_EVENT_FORK:
+                cache.forked.append(a & 0xFFFFFFFF)
             elif event == U.UFFD_EVENT_UNMAP:
                 cache.unmapped(a, b)
             elif event == U.UFFD_EVENT_REMOVE:
@@ -318,13 +325,15 @@ class Tracer:
         while victims are read and dropped."""
         import select
         t = self.threads.get(tid)
-        if t is None or t.process is None or len(t.process.threads) < 2:
+        if t is None or t.process is None or (len(t.process.threads) < 2 and not cache.sharers):
             return []
+        sharers = [self.threads[c] for c in cache.sharers if c in self.threads]
         waiting = set()
-        for o in t.process.threads:
+        for o in list(t.process.threads) + sharers:
             if o.tid == tid or not o.attached or o.tid in self.parked \
+                    or o.tid in cache.sharers.values() \
                     or any(d[0] == o.tid for d in self.deferred):
-                continue
+                continue  # (a parent blocked in vfork cannot run)
             try:
                 pt.interrupt(o.tid)
                 waiting.add(o.tid)
@@ -402,6 +411,8 @@ class Tracer:
                 continue  # our own drop
             if m[0] == U.UFFD_EVENT_PAGEFAULT and (m[3] & 0xFFFFFFFF) not in self.frozen:
                 retry.append(m)
+            elif m[0] == U.UFFD_EVENT_FORK:  # claimed by the parent's ptrace fork event
+                cache.forked.append(m[1] & 0xFFFFFFFF)
             else:
                 self.pending_uffd.append((cache, m))
         for m in retry[:]:
@@ -672,6 +683,8 @@ class Tracer:
                            pproc.fds.share() if flags & CLONE_FILES else pproc.fds.copy(),
                            pproc.fs if flags & CLONE_FS else pproc.fs.copy(),
                            set(pproc.covered_fds))
+            if pproc.excache is not None:
+                self._child_memory(pproc.excache, proc, parent, flags)
         child = self.threads.get(child_tid)
         if child is None:
             child = Thread(child_tid, proc)
@@ -683,6 +696,32 @@ class Tracer:
         child.clear_tid, parent.next_clear_tid = parent.next_clear_tid, 0
         proc.threads.add(child)
         pt.cont(parent.tid)
+
+    def _child_memory(self, cache, proc: Process, parent: Thread, flags: int) -> None:
+        """A new process whose parent's memory is remote: a vfork child runs in
+        the parent's mm (and ExCache) until it execs; a forked one gets its own
+        ExCache, from the userfaultfd the FORK event handed over."""
+        from .memory import uffd as U
+        if flags & CLONE_VM:
+            proc.excache_off = True  # no userfaultfd of its own in a borrowed mm
+            proc.shares_mm = cache
+            cache.sharers[proc.pid] = parent.tid
+            return
+        if not cache.forked:
+            proc.excache_off = True
+            self.session.say_once(f"nofork{proc.pid}", f"no userfaultfd came with the fork of "
+                                  f"pid {proc.pid}: its memory is local")
+            return
+        uffd = U.Userfaultfd(cache.forked.pop(0))
+        os.set_blocking(uffd.fd, False)
+        proc.excache = cache.fork_child(proc.pid, uffd)
+        self.session.memory.add(proc.excache)
+
+    def _unshare_mm(self, proc: Process) -> None:
+        """A vfork child execs or exits: its parent runs again, alone in its mm."""
+        if proc.shares_mm is not None:
+            proc.shares_mm.sharers.pop(proc.pid, None)
+            proc.shares_mm = None
 
     def _on_exec(self, t: Thread) -> None:
         former = pt.geteventmsg(t.tid)
@@ -698,6 +737,7 @@ class Tracer:
         if proc.excache is not None:  # the old mm is gone with its userfaultfd
             proc.excache.close()
             proc.excache = None
+        self._unshare_mm(proc)
         proc.excache_off = False
         # execve unshares the fd table, then closes close-on-exec fds
         proc.fds = proc.fds.copy_private()
@@ -715,6 +755,7 @@ class Tracer:
         if t.clear_tid and proc.excache is not None:
             proc.excache.unpin(t.clear_tid)
         if not proc.threads:
+            self._unshare_mm(proc)
             if proc.excache is not None:
                 proc.excache.close()
                 proc.excache = None

@@ -5,9 +5,10 @@ It covers the anonymous private mappings a process makes with mmap after it
 starts (malloc's large blocks, CPython's arenas, thread stacks), for all of
 its threads: FIFO eviction (LegoOS's best), dirty pages written back (an
 all-zero one costs nothing), clean ones dropped, never-written pages
-zero-filled locally without an RPC. When the process starts a child (fork,
-vfork), its remote pages are brought back and its memory is local from then
-on (said once).
+zero-filled locally without an RPC. A forked child gets an ExCache of its
+own (UFFD_EVENT_FORK hands its userfaultfd over; the mComponent copies the
+space copy-on-write); a vfork child runs in its parent's ExCache until it
+execs.
 
 Dropping a page needs madvise(MADV_DONTNEED) run by the guest itself: every
 thread of the process is interrupted (PTRACE_INTERRUPT), and the faulting
@@ -28,10 +29,10 @@ from . import uffd as U
 PAGE = U.PAGE
 ZERO = bytes(PAGE)
 BATCH = 64                  # the smallest cache: two batches (MemoryManager.batch)
-PREFETCH = 16               # evicted pages fetched with a missed one (fault-around)
+PREFETCH = 16               # pages zero-filled or fetched with a missed one (fault-around)
 NR_MADVISE = 28
 MADV_DONTNEED = 4
-FEATURES = U.UFFD_FEATURE_EVENT_REMAP | U.UFFD_FEATURE_EVENT_REMOVE | U.UFFD_FEATURE_EVENT_UNMAP \
+FEATURES = U.UFFD_FEATURE_EVENT_FORK | U.UFFD_FEATURE_EVENT_REMAP | U.UFFD_FEATURE_EVENT_REMOVE | U.UFFD_FEATURE_EVENT_UNMAP \
     | U.UFFD_FEATURE_THREAD_ID | U.UFFD_FEATURE_WP_ASYNC
 SPACE_ID_BYTES = 16
 
@@ -94,6 +95,8 @@ class ExCache:
         self.stored: set = set()                     # pages whose data is on the mComponent
         self.ahead: set = set()                      # resident pages that came as prefetch
         self.pinned: set = set()                     # resident pages never to evict (ensure)
+        self.forked: list = []                       # child uffds (FORK events) not yet claimed
+        self.sharers: dict = {}                      # vfork child tid -> its blocked parent tid
         self.regions: list = []                      # [start, end, mapped on the mComponent]
         self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDWR)
         self.pagemap = PM.Scanner(os.open(f"/proc/{pid}/pagemap", os.O_RDONLY))
@@ -467,6 +470,48 @@ class ExCache:
         finally:
             pt.setregs(tid, saved)
 
+    # ---- fork
+
+    def fork_child(self, pid: int, uffd: U.Userfaultfd) -> "ExCache":
+        """The ExCache of a child forked from this process (its userfaultfd came
+        with UFFD_EVENT_FORK): the kernel copied the resident pages, the
+        mComponent copies the evicted ones (ForkSpace, copy-on-write), and the
+        books start as a copy of the parent's."""
+        child = ExCache(self.manager, pid, uffd, self.insn)
+        if self.created:
+            self.collect_writebacks()  # the child sees what the parent stored
+            child.space = self.remote().fork_space(self.space, child.space)
+            child.created = True
+        child.resident = OrderedDict(self.resident)
+        child.stored = set(self.stored)
+        child.ahead = set(self.ahead)
+        child.regions = [list(r) for r in self.regions]
+        child._after_fork()
+        return child
+
+    def _after_fork(self) -> None:
+        """madvise(MADV_DONTFORK) ranges are not in the child and
+        MADV_WIPEONFORK ones read as zeros there: the books follow."""
+        mapped, wiped = [], []
+        try:
+            with open(f"/proc/{self.pid}/smaps") as f:
+                vma = None
+                for line in f:
+                    head = line.split(None, 1)[0]
+                    if "-" in head and not head.endswith(":"):
+                        vma = tuple(int(x, 16) for x in head.split("-"))
+                        mapped.append(vma)
+                    elif head == "VmFlags:" and " wf" in line and vma is not None:
+                        wiped.append(vma)
+        except OSError:
+            return
+        for r in list(self.regions):
+            for lo, hi in _gaps(r[0], r[1], mapped):
+                self.unmapped(lo, hi)
+        for lo, hi in wiped:
+            if any(r[0] < hi and lo < r[1] for r in self.regions):
+                self.removed(lo, hi)
+
     # ---- going local, and the end
 
     def make_local(self) -> None:
@@ -504,6 +549,19 @@ class ExCache:
             self.manager.client().free_space(self.space)
         except Exception:  # noqa: BLE001 - the component may be gone; its lease frees it
             pass
+
+
+def _gaps(start: int, end: int, ranges: list):
+    """The parts of [start, end) that no (lo, hi) of `ranges` (sorted) covers."""
+    at = start
+    for lo, hi in ranges:
+        if hi <= at or lo >= end:
+            continue
+        if lo > at:
+            yield at, lo
+        at = max(at, hi)
+    if at < end:
+        yield at, end
 
 
 def _runs(pages: list):

@@ -16,6 +16,8 @@ MAP_GROWSDOWN = 0x100
 MAP_HUGETLB = 0x40000
 O_CLOEXEC = 0o2000000
 O_NONBLOCK = 0o4000
+CLONE_VM = 0x100
+CLONE_VFORK = 0x4000
 CLONE_THREAD = 0x10000
 CLONE_CHILD_CLEARTID = 0x200000
 CLONE_ARGS_CHILD_TID = 16   # offsetof(struct clone_args, child_tid)
@@ -85,8 +87,10 @@ def _setup(s, a):
 
 def sys_new_task(s, t, a):
     """clone/clone3/fork/vfork. A thread shares its process's ExCache (the
-    address its exit clears is noted: see Tracer); a child process (fork,
-    vfork, clone without CLONE_THREAD) has its parent's memory brought back
+    address its exit clears is noted: see Tracer); a forked child gets an
+    ExCache of its own from the FORK event (Tracer._on_clone); a vfork child
+    runs in its parent's until it execs. Only a child that shares the mm
+    without vfork (clone(CLONE_VM) alone) has its parent's memory brought back
     first, and that memory stays local from then on."""
     proc = t.process
     cache = proc.excache
@@ -101,13 +105,16 @@ def sys_new_task(s, t, a):
         raw = t.read_bytes(a[0], CLONE_ARGS_CHILD_TID + 8)
         flags = int.from_bytes(raw[:8], "little")
         ctid = int.from_bytes(raw[CLONE_ARGS_CHILD_TID:], "little")
+    elif nr == NR["vfork"]:
+        flags = CLONE_VM | CLONE_VFORK
     if flags & CLONE_THREAD:
         t.next_clear_tid = ctid if flags & CLONE_CHILD_CLEARTID else 0
+        return None
+    if not flags & CLONE_VM or flags & CLONE_VFORK:
         return None
     cache.make_local()
     proc.excache = None
     proc.excache_off = True
-    s.say_once(f"local{proc.pid}", f"pid {proc.pid} starts a child process: its memory is "
-                                   "local from now on (remote memory covers the threads of "
-                                   "one process for now, not fork)")
+    s.say_once(f"local{proc.pid}", f"pid {proc.pid} starts a child that shares its memory "
+                                   "(clone with CLONE_VM): its memory is local from now on")
     return None

@@ -272,6 +272,53 @@ def test_a_forked_child_reads_its_parents_evicted_pages_then_both_diverge(mcompo
     assert _held(mcomponent) == (0, 0)
 
 
+FORK_ADVICE_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#define MB (1 << 20)
+static size_t nonzero(unsigned char *p, size_t n) { size_t k = 0; for (size_t i = 0; i < n; i++) k += p[i] != 0; return k; }
+int main(void) {
+    unsigned char *wipe = mmap(NULL, 2 * MB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    unsigned char *nofork = mmap(NULL, 2 * MB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    unsigned char *big = mmap(NULL, 4 * MB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    madvise(wipe, 2 * MB, MADV_WIPEONFORK);
+    madvise(nofork, 2 * MB, MADV_DONTFORK);
+    memset(wipe, 1, 2 * MB);
+    memset(nofork, 2, 2 * MB);
+    memset(big, 3, 4 * MB);                 /* wipe and nofork are evicted by now */
+    pid_t pid = fork();
+    if (pid == 0) {
+        /* a fresh mapping where the parent's DONTFORK range was: zeros, not its pages */
+        unsigned char *again = mmap(nofork, 2 * MB, PROT_READ | PROT_WRITE,
+                                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+        printf("child: wiped nonzero %zu, remapped nonzero %zu\n", nonzero(wipe, 2 * MB),
+               again == nofork ? nonzero(again, 2 * MB) : (size_t)-1);
+        fflush(stdout);
+        _exit(0);
+    }
+    waitpid(pid, NULL, 0);
+    printf("parent: wipe nonzero %zu, nofork nonzero %zu\n", nonzero(wipe, 2 * MB), nonzero(nofork, 2 * MB));
+    return 0;
+}
+"""
+
+
+def test_wipeonfork_and_dontfork_ranges_behave_in_the_child_as_natively(mcomponent, tmp_path):
+    exe = compile_c(tmp_path, "advice", FORK_ADVICE_C)
+    want = native([exe])
+    r = legorun([exe], stats_file=tmp_path / "s.json", timeout=300,
+                options=("--mem", mcomponent, "--excache", "1M"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want.stdout == ("child: wiped nonzero 0, remapped nonzero 0\n"
+                                       "parent: wipe nonzero 2097152, nofork nonzero 2097152\n")
+    assert r.stats["excache"]["processes"] == 2 and r.stats["excache"]["evictions"] > 1024
+    assert _held(mcomponent) == (0, 0)
+
+
 PY_FORKS = textwrap.dedent("""
     import multiprocessing as mp, subprocess, sys
     records = [(i, str(i), i * 0.5) for i in range(150000)]   # about 25 MiB, before the fork

@@ -31,7 +31,9 @@ import threading
 import time
 from collections import Counter
 
-import grpc
+from legorun.grpc_transport import import_grpc
+
+grpc = import_grpc()  # before anything else loads it: see legorun/grpc_transport.py
 
 from legorun import memwire
 from legorun.memwire import PAGE_SIZE, PAGE_MASK, REQ, REP

@@ -319,6 +319,44 @@ def test_wipeonfork_and_dontfork_ranges_behave_in_the_child_as_natively(mcompone
     assert _held(mcomponent) == (0, 0)
 
 
+BRK_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <sys/mman.h>
+int main(void) {
+    void *first = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);  /* remote memory starts here */
+    size_t n = 8 << 20, bad = 0;
+    unsigned char *h = sbrk(0);
+    for (size_t done = 0; done < n; done += 256 << 10) sbrk(256 << 10);  /* grow the heap past the first registration */
+    for (size_t i = 0; i < n; i += 64) h[i] = (unsigned char)(i * 7 + 1);
+    for (int pass = 0; pass < 3; pass++)
+        for (size_t i = 0; i < n; i += 64) bad += h[i] != (unsigned char)(i * 7 + 1);
+    sbrk(-(long)(4 << 20));                                   /* shrink: its top is gone */
+    sbrk(4 << 20);                                            /* and back: zeros, natively */
+    size_t nz = 0; for (size_t i = 4 << 20; i < n; i += 64) nz += h[i] != 0;
+    for (size_t i = 0; i < (4 << 20); i += 64) bad += h[i] != (unsigned char)(i * 7 + 1);
+    (void)first;
+    printf("bad %zu, regrown nonzero %zu\n", bad, nz);
+    return bad != 0;
+}
+"""
+
+
+def test_the_brk_heap_grown_past_its_first_registration_lives_on_the_mcomponent(
+        mcomponent, tmp_path):
+    exe = compile_c(tmp_path, "brk", BRK_C)
+    want = native([exe])
+    r = legorun([exe], stats_file=tmp_path / "s.json", timeout=300,
+                options=("--mem", mcomponent, "--excache", "1M"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want.stdout == "bad 0, regrown nonzero 0\n"
+    ex = r.stats["excache"]
+    assert ex["evictions"] > 3 * 2048 and ex["fetches"] > 2 * 2048, ex
+    assert ex["peak_resident"] <= ex["capacity_pages"] + 64, ex
+    assert _held(mcomponent) == (0, 0)
+
+
 PY_FORKS = textwrap.dedent("""
     import multiprocessing as mp, subprocess, sys
     records = [(i, str(i), i * 0.5) for i in range(150000)]   # about 25 MiB, before the fork

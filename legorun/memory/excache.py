@@ -2,8 +2,8 @@
 resident; the rest lives on the mComponent (LegoOS's pComponent cache).
 
 It covers the anonymous private mappings a process makes with mmap after it
-starts (malloc's large blocks, CPython's arenas, thread stacks), for all of
-its threads: FIFO eviction (LegoOS's best), dirty pages written back (an
+starts (malloc's large blocks, CPython's arenas, thread stacks) and its brk
+heap, for all of its threads: FIFO eviction (LegoOS's best), dirty pages written back (an
 all-zero one costs nothing), clean ones dropped, never-written pages
 zero-filled locally without an RPC. A forked child gets an ExCache of its
 own (UFFD_EVENT_FORK hands its userfaultfd over; the mComponent copies the
@@ -96,6 +96,7 @@ class ExCache:
         self.ahead: set = set()                      # resident pages that came as prefetch
         self.pinned: set = set()                     # resident pages never to evict (ensure)
         self.forked: list = []                       # child uffds (FORK events) not yet claimed
+        self.heap_end = None                         # the brk heap's end as last registered
         self.sharers: dict = {}                      # vfork child tid -> its blocked parent tid
         self.regions: list = []                      # [start, end, mapped on the mComponent]
         self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDWR)
@@ -112,10 +113,47 @@ class ExCache:
 
     # ---- regions
 
-    def register(self, start: int, length: int) -> None:
+    def register(self, start: int, length: int, populated: bool = False) -> None:
+        """Serve the faults of [start, start+length) from now on; with
+        `populated`, the pages the kernel already has there join the books as
+        resident (and so may be evicted like the rest)."""
         length = (length + PAGE - 1) & ~(PAGE - 1)
         self.uffd.register(start, length)
         self.regions.append([start, start + length, False])
+        if populated and self.pagemap is not None:
+            try:
+                kinds = self.pagemap.categories(start, start + length)
+            except OSError:
+                return
+            for lo, hi, kind in kinds:
+                if kind & PM.PAGE_IS_PRESENT:
+                    for page in range(lo, hi, PAGE):
+                        self.resident[page] = None
+
+    def adopt_heap(self) -> None:
+        """Register the brk heap as it is now (its pages already there join the
+        ExCache as resident), and follow its growth from here on (heap_moved)."""
+        with open(f"/proc/{self.pid}/maps") as f:
+            for line in f:
+                if line.rstrip().endswith("[heap]"):
+                    lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                    self.heap_end = hi
+                    self.register(lo, hi - lo, populated=True)
+                    return
+        with open(f"/proc/{self.pid}/stat") as f:  # no heap yet: it starts at start_brk
+            fields = f.read().rpartition(")")[2].split()
+        self.heap_end = (int(fields[45]) + PAGE - 1) & ~(PAGE - 1)  # field 48, start_brk
+
+    def heap_moved(self, brk: int) -> None:
+        """brk returned `brk`: register what the heap grew by (its shrink is an
+        UNMAP event)."""
+        end = (brk + PAGE - 1) & ~(PAGE - 1)
+        if self.heap_end is not None and end > self.heap_end:
+            try:
+                self.register(self.heap_end, end - self.heap_end)
+            except OSError:
+                pass  # not a mapping the uffd can take: it stays local
+        self.heap_end = end
 
     def _region(self, page: int):
         for r in self.regions:
@@ -486,6 +524,7 @@ class ExCache:
         child.stored = set(self.stored)
         child.ahead = set(self.ahead)
         child.regions = [list(r) for r in self.regions]
+        child.heap_end = self.heap_end
         child._after_fork()
         return child
 

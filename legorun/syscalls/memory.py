@@ -22,6 +22,7 @@ CLONE_THREAD = 0x10000
 CLONE_CHILD_CLEARTID = 0x200000
 CLONE_ARGS_CHILD_TID = 16   # offsetof(struct clone_args, child_tid)
 NR_MMAP = NR["mmap"]
+NR_BRK = NR["brk"]
 NR_CLOSE = NR["close"]
 
 
@@ -78,11 +79,28 @@ def _setup(s, a):
             if uffd is not None:
                 proc.excache = ExCache(s.memory, proc.pid, uffd, insn)
                 s.memory.add(proc.excache)
+                proc.excache.adopt_heap()
         result = tracer.inject_syscall(t, NR_MMAP, a)
         if result >= 0 and proc.excache is not None:
             proc.excache.register(result, a[1])
         return result
     return finish
+
+
+def sys_brk(s, t, a):
+    """brk: the heap's new part is a mapping of its own for the kernel (the
+    registered part cannot merge with it), so it is registered as it appears;
+    a shrink arrives as an UNMAP event."""
+    cache = t.process.excache
+    if cache is None:
+        return None
+
+    def finish(tracer, t, result):
+        cache = t.process.excache
+        if cache is not None and result > 0:
+            cache.heap_moved(result)
+        return result
+    return Rewrite(NR_BRK, a, finish)
 
 
 def sys_new_task(s, t, a):

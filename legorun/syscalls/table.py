@@ -176,8 +176,11 @@ TABLE: list[Entry] = [
        note="a Unix socket path on a mount refused with EOPNOTSUPP"),
     _e("pidfd_getfd", "always", process.sys_pidfd_getfd, serves=LEGORUN,
        note="taking another process's remote fd refused with EOPNOTSUPP"),
+    _e("brk", "excache", memory.sys_brk, serves=LOCAL,
+       note="with --excache: the heap's growth is registered with the process's ExCache"),
     _e("clone", "excache", memory.sys_new_task, serves=LOCAL,
-       note="with --excache: a process's memory is made local before it starts a thread or child"),
+       note="with --excache: a thread shares the ExCache, a forked child gets its own, a "
+            "vfork child runs in its parent's; clone(CLONE_VM) alone makes the memory local"),
     _e("clone3", "excache", memory.sys_new_task, serves=LOCAL, note="as clone"),
     _e("fork", "excache", memory.sys_new_task, serves=LOCAL, note="as clone"),
     _e("vfork", "excache", memory.sys_new_task, serves=LOCAL, note="as clone"),

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--excache", metavar="SIZE",
                    help="serve the guest's anonymous memory from an mComponent, keeping at most "
                         "SIZE (K/M/G) of it resident per process (LegoOS's ExCache)")
+    p.add_argument("--evict", choices=("fifo", "clock"), default="fifo",
+                   help="ExCache eviction policy: fifo (default; LegoOS's best) or clock (a page "
+                        "written since the hand last passed gets a second chance)")
     p.add_argument("--mem", metavar="ADDR",
                    help="the mComponent: unix:/path or HOST:PORT; without it, --excache starts a "
                         "local one when first needed")
@@ -98,7 +101,7 @@ def run_guest(args, command: list) -> int:
         except ValueError:
             print(f"legorun: --excache {args.excache}: not a size (like 64M)", file=sys.stderr)
             return 2
-        session.enable_memory(size, args.mem)
+        session.enable_memory(size, args.mem, args.evict)
     try:
         session.trace = open_trace(args)
     except (OSError, ValueError) as e:
@@ -197,6 +200,7 @@ def print_summary(stats: dict, out) -> None:
              f"{ex.get('prefetch_unused', 0)} evicted unwritten (wasted, or only read)"),
             ("evictions", ex["evictions"],
              f"{ex['writebacks']} written back, {ex.get('clean_drops', 0)} dropped clean"
+             + (f", {ex['second_chances']} second chances" if ex.get("second_chances") else "")
              + (f", {ex['deferred']} deferred" if ex["deferred"] else "")),
         ]
         for name, n, detail in rows:

@@ -140,7 +140,7 @@ class Session:
             self._said.add(key)
             self.say(text)
 
-    def enable_memory(self, excache_bytes: int, address: str | None) -> None:
+    def enable_memory(self, excache_bytes: int, address: str | None, policy: str = "fifo") -> None:
         """Remote memory: an ExCache of `excache_bytes` per guest process, pages on
         the mComponent at `address` (or one started here when first needed)."""
         from .memory.excache import PAGE, MemoryManager
@@ -161,7 +161,7 @@ class Session:
             except ComponentError as e:
                 raise FatalError(str(e)) from None
             return client
-        self.memory = MemoryManager(excache_bytes // PAGE, connect)
+        self.memory = MemoryManager(excache_bytes // PAGE, connect, policy)
 
     def on_guest_job_stop(self, sig: int) -> None:
         """The guest stopped for the terminal (Ctrl-Z): stop legorun with the same

@@ -357,6 +357,43 @@ def test_the_brk_heap_grown_past_its_first_registration_lives_on_the_mcomponent(
     assert _held(mcomponent) == (0, 0)
 
 
+HOT_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+int main(void) {
+    size_t hot_n = 64 * 4096, n = 16 << 20, bad = 0;
+    unsigned char *hot = mmap(NULL, hot_n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    unsigned char *cold = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    for (size_t i = 0; i < n; i += 4096) {      /* a stream, with a small hot table written all along */
+        cold[i] = (unsigned char)(i >> 12);
+        hot[(i >> 12) % 64 * 4096] += 1;
+    }
+    for (size_t i = 0; i < n; i += 4096) bad += cold[i] != (unsigned char)(i >> 12);
+    for (size_t k = 0; k < 64; k++) bad += hot[k * 4096] != (unsigned char)(n / 4096 / 64);
+    printf("bad %zu\n", bad);
+    return bad != 0;
+}
+"""
+
+
+def test_clock_keeps_a_hot_table_that_fifo_evicts_and_both_keep_every_byte(mcomponent, tmp_path):
+    exe = compile_c(tmp_path, "hot", HOT_C)
+    fetched = {}
+    for policy in ("fifo", "clock"):
+        r = legorun([exe], stats_file=tmp_path / f"{policy}.json", timeout=300,
+                    options=("--mem", mcomponent, "--excache", "1M", "--evict", policy))
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == "bad 0\n"
+        ex = r.stats["excache"]
+        assert ex["peak_resident"] <= ex["capacity_pages"] + 64, ex
+        fetched[policy] = ex["fetches"]
+        assert (ex["second_chances"] > 0) == (policy == "clock"), ex
+    # FIFO throws the hot pages out once per pass over the cache and fetches them back
+    assert fetched["clock"] < fetched["fifo"], fetched
+    assert _held(mcomponent) == (0, 0)
+
+
 PY_FORKS = textwrap.dedent("""
     import multiprocessing as mp, subprocess, sys
     records = [(i, str(i), i * 0.5) for i in range(150000)]   # about 25 MiB, before the fork

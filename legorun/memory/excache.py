@@ -49,6 +49,7 @@ class MemoryStats:
         self.prefetched = 0      # evicted pages brought back with a missed neighbour
         self.prefetch_used = 0   # prefetched pages written before their eviction
         self.prefetch_unused = 0  # prefetched pages evicted unwritten (never used, or only read)
+        self.second_chances = 0  # pages CLOCK kept because they were written since its last pass
         self.not_present = 0     # victims found missing when evicted (books out of step)
         self.peak_resident = 0
         self.processes = 0       # processes whose memory was remote
@@ -97,6 +98,7 @@ class ExCache:
         self.pinned: set = set()                     # resident pages never to evict (ensure)
         self.forked: list = []                       # child uffds (FORK events) not yet claimed
         self.heap_end = None                         # the brk heap's end as last registered
+        self.dirty: set = set()                      # written, then write-protected again (CLOCK)
         self.sharers: dict = {}                      # vfork child tid -> its blocked parent tid
         self.regions: list = []                      # [start, end, mapped on the mComponent]
         self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDWR)
@@ -174,6 +176,7 @@ class ExCache:
         for page in [p for p in self.resident if start <= p < end]:
             del self.resident[page]
             self.ahead.discard(page)
+            self.dirty.discard(page)
         self.stored = {p for p in self.stored if not start <= p < end}
 
     def unmapped(self, start: int, end: int) -> None:
@@ -214,6 +217,9 @@ class ExCache:
                 del self.resident[page]
                 moved[page + delta] = None
                 self.ahead.discard(page)
+                if page in self.dirty:
+                    self.dirty.discard(page)
+                    self.dirty.add(page + delta)
         self.resident.update(moved)
         # a moved resident page is no longer held at its new address: it is
         # read and stored at its eviction, clean or not (see evict)
@@ -349,17 +355,57 @@ class ExCache:
                 return False
             # a batch, and what faults served meanwhile put over the capacity
             count = self.manager.batch + max(0, len(self.resident) - self.manager.capacity)
-            victims = []
-            for page in self.resident:
-                if page not in self.pinned:
-                    victims.append(page)
-                    if len(victims) == count:
-                        break
+            victims = self._choose(count)
             if victims:
                 self.evict(tracer, tid, victims)
             return True
         finally:
             tracer.release_threads(held)
+
+    def _choose(self, count: int) -> list:
+        """`count` victims, oldest first. FIFO (LegoOS's best) takes the oldest;
+        CLOCK gives a page written since the hand last passed it a second
+        chance: it goes to the young end, write-protected again (the write bit
+        is the reference bit user space can see), and is remembered as dirty."""
+        victims: list = []
+        chosen: set = set()
+        clock = self.manager.policy == "clock" and self.pagemap is not None
+        passed = 0
+        while len(victims) < count and passed < 2 * len(self.resident):
+            batch = []
+            for page in self.resident:
+                if page not in self.pinned and page not in chosen:
+                    batch.append(page)
+                    if len(batch) == count - len(victims):
+                        break
+            if not batch:
+                break
+            if not clock:
+                victims += batch
+                break
+            passed += len(batch)
+            spared = []
+            for start, length in _runs(sorted(batch)):
+                for page, kind in self._kinds(start, start + length):
+                    if kind is not None and kind & PM.PAGE_IS_WRITTEN \
+                            and not kind & PM.PAGE_IS_PFNZERO:
+                        spared.append(page)
+                    else:
+                        victims.append(page)
+                        chosen.add(page)
+            for start, length in _runs(sorted(spared)):
+                try:
+                    self.uffd.writeprotect(start, length)
+                except OSError:  # the layout is changing: evict them after all
+                    late = [p for p in spared if start <= p < start + length]
+                    victims += late
+                    chosen.update(late)
+                    continue
+                for page in range(start, start + length, PAGE):
+                    self.dirty.add(page)
+                    self.resident.move_to_end(page)
+            self.manager.stats.second_chances += len(spared)
+        return victims
 
     def ensure(self, addr: int, length: int, pin: bool = False) -> None:
         """Make the registered pages of [addr, addr+length) resident without
@@ -402,7 +448,8 @@ class ExCache:
                     gone.append(page)
                 elif kind & PM.PAGE_IS_PFNZERO:
                     zeros.append(page)
-                elif not kind & PM.PAGE_IS_WRITTEN and page in self.stored:
+                elif not kind & PM.PAGE_IS_WRITTEN and page in self.stored \
+                        and page not in self.dirty:
                     clean.append(page)
                 else:
                     need.append(page)
@@ -451,6 +498,7 @@ class ExCache:
         for page in victims:
             self.resident.pop(page, None)
         self.ahead.difference_update(victims)
+        self.dirty.difference_update(victims)
         self.stored.update(p for p, _ in stores)
         self.stored.difference_update(zeros)
         stats.not_present += len(gone)
@@ -523,6 +571,7 @@ class ExCache:
         child.resident = OrderedDict(self.resident)
         child.stored = set(self.stored)
         child.ahead = set(self.ahead)
+        child.dirty = set(self.dirty)
         child.regions = [list(r) for r in self.regions]
         child.heap_end = self.heap_end
         child._after_fork()
@@ -621,8 +670,9 @@ def _runs(pages: list):
 class MemoryManager:
     """The run's remote memory: the mComponent client, the budget, the caches."""
 
-    def __init__(self, capacity_pages: int, connect) -> None:
+    def __init__(self, capacity_pages: int, connect, policy: str = "fifo") -> None:
         self.capacity = max(capacity_pages, 64)
+        self.policy = policy        # "fifo" or "clock" (ExCache._choose)
         # evicted together: one store, few madvise; larger batches for larger caches
         self.batch = max(16, min(256, self.capacity // 8))
         self._connect = connect     # () -> MemoryClient, started on first use

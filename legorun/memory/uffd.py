@@ -27,6 +27,7 @@ UFFDIO_WRITEPROTECT = _ioc(_IOWR, 0x06, 24)
 UFFDIO_REGISTER_MODE_MISSING = 1
 UFFDIO_REGISTER_MODE_WP = 2
 UFFDIO_COPY_MODE_WP = 2
+UFFDIO_WRITEPROTECT_MODE_WP = 1
 
 UFFD_FEATURE_EVENT_FORK = 1 << 1
 UFFD_FEATURE_EVENT_REMAP = 1 << 2
@@ -110,6 +111,12 @@ class Userfaultfd:
         except (FileExistsError, FileNotFoundError):  # as for copy
             return False
         return True
+
+    def writeprotect(self, start: int, length: int) -> None:
+        """Write-protect [start, start+length) again (with WP_ASYNC the next
+        write lifts it and shows in PAGEMAP_SCAN as written)."""
+        fcntl.ioctl(self.fd, UFFDIO_WRITEPROTECT,
+                    bytearray(struct.pack("<QQQ", start, length, UFFDIO_WRITEPROTECT_MODE_WP)))
 
     def wake(self, start: int, length: int) -> None:
         try:

@@ -394,6 +394,46 @@ def test_clock_keeps_a_hot_table_that_fifo_evicts_and_both_keep_every_byte(mcomp
     assert _held(mcomponent) == (0, 0)
 
 
+MLOCK_FUTEX_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <errno.h>
+int main(void) {
+    size_t n = 8 << 20, bad = 0;
+    unsigned char *locked = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    unsigned char *p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    unsigned *word = (unsigned *)(p + 4096);
+    if (mlock(locked, 1 << 20)) { perror("mlock"); return 2; }
+    memset(locked, 5, 1 << 20);
+    *word = 42;
+    for (size_t i = 2 * 4096; i < n; i += 64) p[i] = (unsigned char)(i * 7 + 1);   /* the word's page is evicted */
+    long r = syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, 41, NULL, NULL, 0);    /* the kernel reads it */
+    int e = errno;
+    for (size_t i = 2 * 4096; i < n; i += 64) bad += p[i] != (unsigned char)(i * 7 + 1);
+    for (size_t i = 0; i < (1 << 20); i++) bad += locked[i] != 5;
+    printf("futex %ld %s, bad %zu\n", r, e == EAGAIN ? "EAGAIN" : "?", bad);
+    return 0;
+}
+"""
+
+
+def test_mlocked_pages_stay_and_futex_reads_an_evicted_word(mcomponent, tmp_path):
+    exe = compile_c(tmp_path, "mlock", MLOCK_FUTEX_C)
+    want = native([exe])
+    r = legorun([exe], stats_file=tmp_path / "s.json", timeout=120,
+                options=("--mem", mcomponent, "--excache", "1M"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want.stdout == "futex -1 EAGAIN, bad 0\n"
+    ex = r.stats["excache"]
+    assert ex["locked"] == 256 and ex["evictions"] > 2048, ex  # the 1 MiB mlock()ed stayed
+    assert _held(mcomponent) == (0, 0)
+
+
 PY_FORKS = textwrap.dedent("""
     import multiprocessing as mp, subprocess, sys
     records = [(i, str(i), i * 0.5) for i in range(150000)]   # about 25 MiB, before the fork

@@ -50,6 +50,7 @@ class MemoryStats:
         self.prefetch_used = 0   # prefetched pages written before their eviction
         self.prefetch_unused = 0  # prefetched pages evicted unwritten (never used, or only read)
         self.second_chances = 0  # pages CLOCK kept because they were written since its last pass
+        self.locked = 0          # victims found mlock()ed: left resident, outside the budget
         self.not_present = 0     # victims found missing when evicted (books out of step)
         self.peak_resident = 0
         self.processes = 0       # processes whose memory was remote
@@ -506,7 +507,12 @@ class ExCache:
         stats.evictions += len(victims)
         self.manager.event(self.pid, "evict", min(victims), len(victims), "legorun", 0.0)
         for start, length in _runs(sorted(victims)):
-            self._madvise(tracer, tid, start, length)
+            if self._madvise(tracer, tid, start, length) < 0:
+                # EINVAL: mlock()ed (VM_LOCKED). The pages stay, as natively,
+                # outside the ExCache's budget (never chosen again: not in its
+                # books); what was stored of them is never fetched while they
+                # stay, and is stored anew if they are evicted after munlock
+                stats.locked += length // PAGE
 
     def _kinds(self, start: int, end: int):
         """(page, PAGEMAP_SCAN categories or None if not mapped) for each page
@@ -542,7 +548,9 @@ class ExCache:
         for ticket in tickets:
             client.collect(ticket)
 
-    def _madvise(self, tracer, tid: int, start: int, length: int) -> None:
+    def _madvise(self, tracer, tid: int, start: int, length: int) -> int:
+        """Run madvise(start, length, MADV_DONTNEED) in the stopped thread `tid`;
+        returns its raw result (negative errno)."""
         regs = pt.getregs(tid)
         saved = pt.user_regs_struct()
         pt.ctypes.pointer(saved)[0] = regs
@@ -553,8 +561,10 @@ class ExCache:
         try:
             pt.singlestep(tid)
             tracer.wait_step(tid, self, (start, start + length))
+            result = pt.getregs(tid, regs).rax
         finally:
             pt.setregs(tid, saved)
+        return result - (1 << 64) if result >= 1 << 63 else result
 
     # ---- fork
 

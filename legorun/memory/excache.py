@@ -30,6 +30,7 @@ PAGE = U.PAGE
 ZERO = bytes(PAGE)
 BATCH = 64                  # the smallest cache: two batches (MemoryManager.batch)
 PREFETCH = 16               # pages zero-filled or fetched with a missed one (fault-around)
+ZERO_AROUND = 64            # pages zero-filled with a missed one while the ExCache has room
 NR_MADVISE = 28
 MADV_DONTNEED = 4
 FEATURES = U.UFFD_FEATURE_EVENT_FORK | U.UFFD_FEATURE_EVENT_REMAP | U.UFFD_FEATURE_EVENT_REMOVE | U.UFFD_FEATURE_EVENT_UNMAP \
@@ -174,11 +175,11 @@ class ExCache:
         return None
 
     def _forget(self, start: int, end: int) -> None:
-        for page in [p for p in self.resident if start <= p < end]:
+        for page in _pages_in(self.resident, start, end):
             del self.resident[page]
             self.ahead.discard(page)
             self.dirty.discard(page)
-        self.stored = {p for p in self.stored if not start <= p < end}
+        self.stored.difference_update(_pages_in(self.stored, start, end))
 
     def unmapped(self, start: int, end: int) -> None:
         self._forget(start, end)
@@ -198,7 +199,7 @@ class ExCache:
     def removed(self, start: int, end: int) -> None:
         """madvise(DONTNEED/FREE) by the guest: the range reads as zeros."""
         mapped = any(r[2] and r[0] < end and start < r[1] for r in self.regions)
-        if mapped and any(start <= p < end for p in self.stored):
+        if mapped and _pages_in(self.stored, start, end):
             self.remote().discard(self.space, start, end - start)
         self._forget(start, end)
 
@@ -210,21 +211,20 @@ class ExCache:
         keeps the mComponent's record exact however the regions were learned.
         """
         delta = new - old
-        moving = sorted(p for p in self.stored if old <= p < old + length
-                        and p not in self.resident)
+        moving = sorted(p for p in _pages_in(self.stored, old, old + length)
+                        if p not in self.resident)
         moved = OrderedDict()
-        for page in list(self.resident):
-            if old <= page < old + length:
-                del self.resident[page]
-                moved[page + delta] = None
-                self.ahead.discard(page)
-                if page in self.dirty:
-                    self.dirty.discard(page)
-                    self.dirty.add(page + delta)
+        for page in sorted(_pages_in(self.resident, old, old + length)):
+            del self.resident[page]
+            moved[page + delta] = None
+            self.ahead.discard(page)
+            if page in self.dirty:
+                self.dirty.discard(page)
+                self.dirty.add(page + delta)
         self.resident.update(moved)
         # a moved resident page is no longer held at its new address: it is
         # read and stored at its eviction, clean or not (see evict)
-        self.stored = {p for p in self.stored if not old <= p < old + length}
+        self.stored.difference_update(_pages_in(self.stored, old, old + length))
         if not self.created:
             self._move_regions(old, new, length)
             return
@@ -274,7 +274,13 @@ class ExCache:
         region = self._region(page) if not stored else None
         # fault-around: the pages that follow come too (not while evicting is
         # impossible: that would only overfill the cache)
-        for i in range(1, PREFETCH if evict else 1):
+        if not evict:
+            ahead = 1
+        elif stored or len(self.resident) + ZERO_AROUND > self.manager.capacity:
+            ahead = PREFETCH
+        else:  # room to spare: never-written memory is zero-filled in larger runs
+            ahead = ZERO_AROUND
+        for i in range(1, ahead):
             nxt = page + i * PAGE
             if nxt in self.resident or (nxt in self.stored) != stored or \
                     (region is not None and nxt >= region[1]):
@@ -647,6 +653,14 @@ class ExCache:
             self.manager.client().free_space(self.space)
         except Exception:  # noqa: BLE001 - the component may be gone; its lease frees it
             pass
+
+
+def _pages_in(pages, start: int, end: int) -> list:
+    """The page addresses of the set or dict `pages` in [start, end), by
+    whichever is shorter to walk: the range or the collection."""
+    if (end - start) // PAGE <= len(pages):
+        return [p for p in range(start, end, PAGE) if p in pages]
+    return [p for p in pages if start <= p < end]
 
 
 def _gaps(start: int, end: int, ranges: list):

@@ -170,13 +170,16 @@ def main(argv: list[str]) -> int:
 
     # Remote memory (issue #3): each workload at an ExCache of 100%, 50% and
     # 25% of its native peak RSS, measured here first.
+    # Sizes: a million records (issue #3 asks for "a few million"; at 25% one
+    # run takes ~10 s here) and 200,000 floats (a million thrash for minutes
+    # at 25%).
     mem = [("memscan", "a sequential multi-pass bytearray scan",
-            [PY, sample("memscan.py"), "16", "3"]),
-           ("memrandom", "random page touches", [PY, sample("memrandom.py"), "16", "5000"]),
-           ("records", "small records and aggregation passes",
-            [PY, sample("records.py"), "100000", "3"]),
-           ("sortfloats", "sorting random floats (thrashes at 25%; no target)",
-            [PY, sample("sortfloats.py"), "100000"])]
+            [PY, sample("memscan.py"), "64", "3"]),
+           ("memrandom", "random page touches", [PY, sample("memrandom.py"), "64", "20000"]),
+           ("records", "a million small records and aggregation passes",
+            [PY, sample("records.py"), "1000000", "3"]),
+           ("sortfloats", "sorting 200,000 random floats (thrashes at 25%; no target)",
+            [PY, sample("sortfloats.py"), "200000"])]
     for key, what, cmd in ([] if a.no_memory else mem):
         peak_kb = native_peak_kb(cmd)
         for pct in (100, 50, 25):

@@ -142,7 +142,10 @@ class ExCache:
                 if line.rstrip().endswith("[heap]"):
                     lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
                     self.heap_end = hi
-                    self.register(lo, hi - lo, populated=True)
+                    try:
+                        self.register(lo, hi - lo, populated=True)
+                    except OSError:
+                        pass  # a heap the uffd cannot take stays local
                     return
         with open(f"/proc/{self.pid}/stat") as f:  # no heap yet: it starts at start_brk
             fields = f.read().rpartition(")")[2].split()

@@ -101,6 +101,8 @@ class Tracer:
         self.parked: dict = {}  # tid -> (Thread, Park, nr, start): blocked in a lock wait
         self.deferred: list = []  # (tid, status) stops seen while holding threads, to handle
         self.frozen: set = set()  # tids blocked in a fault in a syscall during an eviction
+        self._wake_fd: int | None = None  # the polling loop's SIGCHLD wake-up pipe
+        self._woken = False
 
     # ---- start
 
@@ -210,6 +212,8 @@ class Tracer:
         memory = self.session.memory
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         old_fd = signal.set_wakeup_fd(w)
+        self._wake_fd = r
+        self._woken = False
         old_handler = signal.signal(signal.SIGCHLD, lambda *_: None)
         self.pending_uffd = []
         fast = _fast_path(self.session)
@@ -247,6 +251,9 @@ class Tracer:
                 poller.register(r, select.POLLIN)
                 for fd in memory.by_fd:
                     poller.register(fd, select.POLLIN)
+                if self._woken:  # a SIGCHLD drained by _wait_for: look again at once
+                    self._woken = False
+                    continue
                 poller.poll(1 if self.pending_uffd else
                             int(self.RETRY_S * 1000) if self.parked else 1000)
                 try:
@@ -363,7 +370,8 @@ class Tracer:
                     self.frozen.add(other)  # its interrupt stop comes once it is served
             if waiting:
                 self._serve_meanwhile(cache, None, retry)
-                select.select([cache.uffd.fd], [], [], 0.001)
+                # /proc says when a thread is in a kernel fault: look again soon
+                self._wait_for(cache, 0.001)
         self.pending_uffd += [(cache, m) for m in retry]
         return held
 
@@ -398,7 +406,22 @@ class Tracer:
                 self.pending_uffd += [(cache, m) for m in retry]
                 return status
             self._serve_meanwhile(cache, removing, retry)
-            select.select([cache.uffd.fd], [], [], 0.001)
+            self._wait_for(cache, 0.05)
+
+    def _wait_for(self, cache, timeout: float) -> None:
+        """Sleep until `cache`'s userfaultfd has a message, a tracee changes
+        state (SIGCHLD, on the main loop's wake-up pipe) or `timeout` passes.
+        A drained wake-up is remembered for the main loop (self._woken)."""
+        import select
+        fds = [cache.uffd.fd] if self._wake_fd is None else [cache.uffd.fd, self._wake_fd]
+        ready = select.select(fds, [], [], timeout)[0]
+        if self._wake_fd is not None and self._wake_fd in ready:
+            try:
+                while os.read(self._wake_fd, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+            self._woken = True
 
     def _serve_meanwhile(self, cache, removing, retry: list) -> None:
         """Serve the faults waiting on `cache`'s userfaultfd without evicting,

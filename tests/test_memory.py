@@ -117,6 +117,39 @@ def test_pages_read_but_not_written_since_their_fetch_are_dropped_without_a_writ
     assert _held(mcomponent) == (0, 0)
 
 
+SCAN_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+int main(int argc, char **argv) {
+    size_t n = (size_t)atoi(argv[1]) << 20, bad = 0;
+    unsigned char *p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    for (size_t i = 0; i < n; i += 512) p[i] = (unsigned char)((i >> 9) * 13 + 1);
+    for (size_t i = 0; i < n; i += 512) bad += p[i] != (unsigned char)((i >> 9) * 13 + 1);
+    for (size_t i = n; i > 0; i -= 512) bad += p[i - 512] != (unsigned char)(((i - 512) >> 9) * 13 + 1);
+    printf("bad %zu\n", bad);
+    return bad != 0;
+}
+"""
+
+
+def test_sequential_scans_up_and_down_are_fetched_in_large_windows(mcomponent, tmp_path):
+    exe = compile_c(tmp_path, "scan", SCAN_C)
+    r = legorun([exe, "8"], stats_file=tmp_path / "s.json",
+                options=("--mem", mcomponent, "--excache", "1M"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "bad 0\n"
+    ex = r.stats["excache"]
+    ops = r.stats["rpcs"]["mComponent"]
+    frames = sum(ops[k]["count"] for k in ("fetch", "readahead") if k in ops)
+    # two scans of ~7 MiB evicted (~3,600 pages), the downward one included:
+    # one page per RPC would be ~3,600 frames, fault-around alone ~230
+    assert ex["fetches"] >= 2 * 7 * 256 * 0.9, ex
+    assert frames * 24 <= ex["fetches"], (frames, ex)
+    assert "readahead" in ops, ops  # the next window was asked for ahead of the guest
+    assert _held(mcomponent) == (0, 0)
+
+
 GROW_C = r"""
 #include <stdio.h>
 #include <stdlib.h>

@@ -30,6 +30,7 @@ PAGE = U.PAGE
 ZERO = bytes(PAGE)
 BATCH = 64                  # the smallest cache: two batches (MemoryManager.batch)
 PREFETCH = 16               # pages fetched with a missed one that starts no stream (fault-around)
+ASYNC_WINDOW = 64           # a stream this wide also asks for its next window ahead of the guest
 READAHEAD_MAX = 256         # the most a stream's window grows to (1 MiB: one RPC costs ~0.7 ms, 16 pages ~0.26)
 STREAMS = 8                 # sequential streams followed at once per process
 ZERO_AROUND = 64            # pages zero-filled with a missed one while the ExCache has room
@@ -109,6 +110,8 @@ class ExCache:
         self.pagemap = PM.Scanner(os.open(f"/proc/{pid}/pagemap", os.O_RDONLY))
         self.writebacks: list = []                   # store tickets not yet collected
         self.streams: list = []                      # [start, end, window] of recent fetches, newest last
+        self.inflight: dict = {}                     # page -> ticket of a readahead fetch not yet collected
+        self.tickets: OrderedDict = OrderedDict()    # readahead ticket -> its pages, oldest first
 
     def remote(self):
         """The mComponent client, with this process's space created on it."""
@@ -181,6 +184,8 @@ class ExCache:
         return None
 
     def _forget(self, start: int, end: int) -> None:
+        for page in _pages_in(self.inflight, start, end):
+            del self.inflight[page]  # its readahead data is stale now
         for page in _pages_in(self.resident, start, end):
             del self.resident[page]
             self.ahead.discard(page)
@@ -217,6 +222,7 @@ class ExCache:
         keeps the mComponent's record exact however the regions were learned.
         """
         delta = new - old
+        self._drop_readahead()
         moving = sorted(p for p in _pages_in(self.stored, old, old + length)
                         if p not in self.resident)
         moved = OrderedDict()
@@ -278,12 +284,22 @@ class ExCache:
         group = [page]
         stored = page in self.stored
         region = self._region(page) if not stored else None
+        arrived = None  # page -> data, from a readahead fetch sent earlier
+        if stored and page in self.inflight:
+            arrived = self._arrived(self.inflight[page])
+            group += [p for p in arrived if p != page and p not in self.resident]
+        later = ()
         # fault-around: the pages that follow come too (not while evicting is
         # impossible: that would only overfill the cache)
         if not evict:
-            pass
+            del group[1:]
         elif stored:
-            group += self._readahead(page)
+            more, later = self._readahead(page)
+            if arrived is None:
+                group += more
+            elif later:  # the stream runs on: ask for its next window now
+                self._send_ahead(later)
+                later = ()
         else:
             ahead = PREFETCH if len(self.resident) + ZERO_AROUND > self.manager.capacity \
                 else ZERO_AROUND  # room to spare: never-written memory is zero-filled in larger runs
@@ -299,7 +315,10 @@ class ExCache:
                 del group[1:]  # no room was made (put off): the missed page alone
         try:
             if page in self.stored:
-                datas = self.remote().fetch(self.space, group)
+                if arrived is not None and page in arrived:
+                    datas = [arrived[p] for p in group]
+                else:
+                    datas = self.remote().fetch(self.space, group)
                 stats.fetches += len(group)
                 stats.prefetched += len(group) - 1
                 # the faulting page first: its thread runs on while the rest land
@@ -327,6 +346,8 @@ class ExCache:
         stats.peak_resident = max(stats.peak_resident, len(self.resident))
         if stopped:
             pt.cont(tid)
+        if later:  # after the fetch above: its reply would wait behind this one
+            self._send_ahead(later)
         self.manager.fault_done(self, page, len(group), stored, time.perf_counter() - began)
         return True
 
@@ -343,7 +364,7 @@ class ExCache:
         stream with PREFETCH pages after it, so random touches keep small
         fetches."""
         streams = self.streams
-        window, down = PREFETCH, False
+        window, down, going = PREFETCH, False, False
         for i in range(len(streams) - 1, -1, -1):
             lo, hi, w = streams[i]
             if lo <= page < hi + w * PAGE:
@@ -353,6 +374,7 @@ class ExCache:
             else:
                 continue
             window = min(2 * w, READAHEAD_MAX, max(PREFETCH, self.manager.capacity // 4))
+            going = window >= ASYNC_WINDOW
             del streams[i]
             break
         else:
@@ -361,12 +383,55 @@ class ExCache:
         if down:
             lo, hi = page - (window - 1) * PAGE, page + PAGE
             span = range(lo, page, PAGE)
+            after = range(lo - window * PAGE, lo, PAGE)
         else:
             lo, hi = page, page + window * PAGE
             span = range(page + PAGE, hi, PAGE)
+            after = range(hi, hi + window * PAGE, PAGE)
         streams.append([lo, hi, window])
-        resident, stored = self.resident, self.stored
-        return [p for p in span if p in stored and p not in resident]
+        resident, stored, inflight = self.resident, self.stored, self.inflight
+        now = [p for p in span if p in stored and p not in resident and p not in inflight]
+        if not going or len(inflight) + window > self.manager.capacity // 4:
+            return now, ()
+        return now, [p for p in after if p in stored and p not in resident and p not in inflight]
+
+    def _send_ahead(self, pages: list) -> None:
+        """Ask for a stream's next window without waiting (asynchronous
+        readahead): the guest computes on the window just served while the
+        reply travels; the miss that reaches the new window collects it."""
+        ticket = self.remote().submit(self.space, fetch_addrs=pages, kind="readahead")
+        self.tickets[ticket] = pages
+        for p in pages:
+            self.inflight[p] = ticket
+        while len(self.tickets) > 2 * STREAMS:  # a stream that stopped: drop its window
+            self._drop_ticket(next(iter(self.tickets)))
+
+    def _arrived(self, ticket: int) -> dict:
+        """Collect a readahead reply: page -> data (None: zeros) for the pages
+        still as they were when it was sent (not faulted in, dropped or moved
+        since: those left `inflight`)."""
+        pages = self.tickets.pop(ticket)
+        datas = self.manager.client().collect(ticket)
+        inflight = self.inflight
+        out = {}
+        for p, d in zip(pages, datas):
+            if inflight.get(p) == ticket:
+                del inflight[p]
+                out[p] = d
+        return out
+
+    def _drop_ticket(self, ticket: int) -> None:
+        pages = self.tickets.pop(ticket, ())
+        for p in pages:
+            if self.inflight.get(p) == ticket:
+                del self.inflight[p]
+        self.manager.client().forget(ticket)
+
+    def _drop_readahead(self) -> None:
+        """Forget every readahead in flight (the books are about to change
+        wholesale: mremap, fork, going local, the end)."""
+        for ticket in list(self.tickets):
+            self._drop_ticket(ticket)
 
     def _install_ahead(self, pages: list) -> None:
         """Map prefetched (page, data) pairs, write-protected: one UFFDIO_COPY
@@ -473,6 +538,7 @@ class ExCache:
                 continue
             if pin:
                 self.pinned.add(page)
+            self.inflight.pop(page, None)  # fetched here: a readahead's copy would be stale later
             try:
                 if page in self.stored:
                     data = self.remote().fetch(self.space, [page])[0]
@@ -632,6 +698,7 @@ class ExCache:
         books start as a copy of the parent's."""
         child = ExCache(self.manager, pid, uffd, self.insn)
         if self.created:
+            self._drop_readahead()  # (their replies would come after the fork's)
             self.collect_writebacks()  # the child sees what the parent stored
             child.space = self.remote().fork_space(self.space, child.space)
             child.created = True
@@ -672,6 +739,7 @@ class ExCache:
     def make_local(self) -> None:
         """Bring every remote page back and stop following this process's memory
         (it is about to start a thread or a child; it is stopped)."""
+        self._drop_readahead()
         pages = sorted(p for p in self.stored if p not in self.resident)
         for i in range(0, len(pages), 512):
             chunk = pages[i:i + 512]
@@ -687,6 +755,7 @@ class ExCache:
 
     def close(self) -> None:
         try:
+            self._drop_readahead()
             self.collect_writebacks()
         except Exception:  # noqa: BLE001 - the space is freed next anyway
             pass

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import struct
 import time
 from collections import OrderedDict
 
@@ -35,6 +36,9 @@ READAHEAD_MAX = 256         # the most a stream's window grows to (1 MiB: one RP
 STREAMS = 8                 # sequential streams followed at once per process
 ZERO_AROUND = 64            # pages zero-filled with a missed one while the ExCache has room
 NR_MADVISE = 28
+NR_PROCESS_MADVISE = 440
+PIDFD_SELF_THREAD = -10000  # Linux 6.14+: "the calling thread" for pidfd arguments
+IOV_MAX = 1024
 MADV_DONTNEED = 4
 FEATURES = U.UFFD_FEATURE_EVENT_FORK | U.UFFD_FEATURE_EVENT_REMAP | U.UFFD_FEATURE_EVENT_REMOVE | U.UFFD_FEATURE_EVENT_UNMAP \
     | U.UFFD_FEATURE_THREAD_ID | U.UFFD_FEATURE_WP_ASYNC
@@ -112,6 +116,7 @@ class ExCache:
         self.streams: list = []                      # [start, end, window] of recent fetches, newest last
         self.inflight: dict = {}                     # page -> ticket of a readahead fetch not yet collected
         self.tickets: OrderedDict = OrderedDict()    # readahead ticket -> its pages, oldest first
+        self.drop_batched = None                     # process_madvise works here: None until known
 
     def remote(self):
         """The mComponent client, with this process's space created on it."""
@@ -629,13 +634,70 @@ class ExCache:
         stats.clean_drops += len(clean)
         stats.evictions += len(victims)
         self.manager.event(self.pid, "evict", min(victims), len(victims), "legorun", 0.0)
-        for start, length in _runs(sorted(victims)):
+        runs = list(_runs(sorted(victims)))
+        done = self._drop_all(tracer, tid, runs, victims) if len(runs) > 1 else 0
+        for start, length in runs[done:]:
             if self._madvise(tracer, tid, start, length) < 0:
                 # EINVAL: mlock()ed (VM_LOCKED). The pages stay, as natively,
                 # outside the ExCache's budget (never chosen again: not in its
                 # books); what was stored of them is never fetched while they
                 # stay, and is stored anew if they are evicted after munlock
                 stats.locked += length // PAGE
+            elif done == 0 and self.drop_batched is None:
+                self.drop_batched = False  # madvise works where process_madvise did not
+
+    def _drop_all(self, tracer, tid: int, runs: list, victims: list) -> int:
+        """Drop many runs with one injected process_madvise(PIDFD_SELF_THREAD,
+        iovec, n, MADV_DONTNEED) (Linux 6.14+; PLATFORM.md): one single-step
+        for the whole batch instead of one per run. The iovec is written below
+        the stopped thread's red zone (memory the ABI lets a signal handler
+        clobber) and the bytes there are put back after. Returns how many of
+        `runs` were dropped; the rest are left to madvise, one by one (an
+        mlock()ed run stops process_madvise; an older kernel refuses it)."""
+        if self.drop_batched is False:
+            return 0
+        runs = runs[:IOV_MAX]
+        regs = pt.getregs(tid)
+        size = 16 * len(runs)
+        lo = (regs.rsp - 128 - size) & ~15
+        # Not where a write would fault into this userfaultfd (a registered page
+        # not resident, or one being dropped): legorun would wait for itself.
+        for page in range(lo & ~(PAGE - 1), lo + size, PAGE):
+            if (page not in self.resident or page in victims) and \
+                    any(r[0] <= page < r[1] for r in self.regions):
+                return 0
+        try:
+            saved = os.pread(self.mem_fd, size, lo)
+            if len(saved) != size:
+                return 0
+            os.pwrite(self.mem_fd, struct.pack(f"<{2 * len(runs)}Q",
+                                               *[x for run in runs for x in run]), lo)
+        except OSError:
+            return 0  # not mapped there
+        saved_regs = pt.user_regs_struct()
+        pt.ctypes.pointer(saved_regs)[0] = regs
+        regs.rip = self.insn
+        regs.rax = NR_PROCESS_MADVISE
+        regs.rdi, regs.rsi, regs.rdx = PIDFD_SELF_THREAD & (1 << 64) - 1, lo, len(runs)
+        regs.r10, regs.r8 = MADV_DONTNEED, 0
+        pt.setregs(tid, regs)
+        try:
+            pt.singlestep(tid)
+            tracer.wait_step(tid, self, (runs[0][0], runs[-1][0] + runs[-1][1]))
+            result = pt.getregs(tid, regs).rax
+        finally:
+            pt.setregs(tid, saved_regs)
+            os.pwrite(self.mem_fd, saved, lo)
+        if result >= 1 << 63:
+            return 0
+        self.drop_batched = True
+        done = 0
+        for _, length in runs:  # the runs the bytes advised cover
+            if result < length:
+                break
+            result -= length
+            done += 1
+        return done
 
     def _kinds(self, start: int, end: int):
         """(page, PAGEMAP_SCAN categories or None if not mapped) for each page

@@ -34,7 +34,7 @@ PREFETCH = 16               # pages fetched with a missed one that starts no str
 ASYNC_WINDOW = 64           # a stream this wide also asks for its next window ahead of the guest
 READAHEAD_MAX = 256         # the most a stream's window grows to (1 MiB: one RPC costs ~0.7 ms, 16 pages ~0.26)
 STREAMS = 8                 # sequential streams followed at once per process
-ZERO_AROUND = 64            # pages zero-filled with a missed one while the ExCache has room
+ZERO_AROUND = 256            # pages zero-filled with a missed one while the ExCache has room
 NR_MADVISE = 28
 NR_PROCESS_MADVISE = 440
 PIDFD_SELF_THREAD = -10000  # Linux 6.14+: "the calling thread" for pidfd arguments
@@ -113,7 +113,8 @@ class ExCache:
         self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDWR)
         self.pagemap = PM.Scanner(os.open(f"/proc/{pid}/pagemap", os.O_RDONLY))
         self.writebacks: list = []                   # store tickets not yet collected
-        self.streams: list = []                      # [start, end, window] of recent fetches, newest last
+        self.streams: list = []                      # [start, end, window, continued] of recent fetches, newest last
+        self.initial = PREFETCH                      # the window of a new stream (_readahead)
         self.inflight: dict = {}                     # page -> ticket of a readahead fetch not yet collected
         self.tickets: OrderedDict = OrderedDict()    # readahead ticket -> its pages, oldest first
         self.drop_batched = None                     # process_madvise works here: None until known
@@ -366,24 +367,30 @@ class ExCache:
         upwards, one just below it continues it downwards (CPython walks many
         of its pools from the top); the stream's window then doubles, up to
         READAHEAD_MAX (and a quarter of the cache). Any other miss starts a
-        stream with PREFETCH pages after it, so random touches keep small
-        fetches."""
+        stream with `self.initial` pages after it: PREFETCH at first, halved
+        each time a stream is forgotten without having been continued, doubled
+        back when one is continued. Random touches (sorting, hashing) so come
+        down to one page per miss instead of fetching pages nobody reads."""
         streams = self.streams
-        window, down, going = PREFETCH, False, False
+        window, down, going, continued = self.initial, False, False, False
         for i in range(len(streams) - 1, -1, -1):
-            lo, hi, w = streams[i]
-            if lo <= page < hi + w * PAGE:
+            lo, hi, w, _ = streams[i]
+            if hi <= page < hi + w * PAGE:
                 pass
             elif lo - w * PAGE <= page < lo:
                 down = True
             else:
                 continue
             window = min(2 * w, READAHEAD_MAX, max(PREFETCH, self.manager.capacity // 4))
-            going = window >= ASYNC_WINDOW
+            going, continued = window >= ASYNC_WINDOW, True
+            if not streams[i][3]:
+                self.initial = min(PREFETCH, 2 * self.initial)
             del streams[i]
             break
         else:
             if len(streams) >= STREAMS:
+                if not streams[0][3]:
+                    self.initial = max(1, self.initial // 2)
                 del streams[0]
         if down:
             lo, hi = page - (window - 1) * PAGE, page + PAGE
@@ -393,7 +400,7 @@ class ExCache:
             lo, hi = page, page + window * PAGE
             span = range(page + PAGE, hi, PAGE)
             after = range(hi, hi + window * PAGE, PAGE)
-        streams.append([lo, hi, window])
+        streams.append([lo, hi, window, continued])
         resident, stored, inflight = self.resident, self.stored, self.inflight
         now = [p for p in span if p in stored and p not in resident and p not in inflight]
         if not going or len(inflight) + window > self.manager.capacity // 4:

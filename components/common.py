@@ -18,6 +18,7 @@ import dataclasses
 import hmac
 import logging
 import os
+import select
 import signal
 import socket
 import stat
@@ -378,9 +379,15 @@ def serve(
         shown = f"[{address.host}]:{port}" if ":" in address.host else f"{address.host}:{port}"
 
     stop = stop_event or threading.Event()
+    # SIGTERM/SIGINT only write to a pipe (signal.set_wakeup_fd): a handler
+    # that set a threading.Event took the Event's lock inside the main
+    # thread's own wait on it, and a server so signalled (its parent's death
+    # signal, then a kill) could hang for good
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
-        previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
+        previous[sig] = signal.signal(sig, lambda signum, frame: None)
+    old_wakeup = signal.set_wakeup_fd(wake_w)
     try:
         server.start()
         for service in ["", *names]:
@@ -388,13 +395,17 @@ def serve(
         if on_ready:
             on_ready()
         print(f"listening on {shown}", flush=True)
-        while not stop.wait(3600):
-            pass
+        while not stop.is_set():  # (a stop_event may be set by another thread)
+            if select.select([wake_r], [], [], 0.5)[0]:
+                break
         health_servicer.enter_graceful_shutdown()
         server.stop(grace=1.0).wait()
     finally:
+        signal.set_wakeup_fd(old_wakeup)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        os.close(wake_r)
+        os.close(wake_w)
         if address.kind == "unix":
             try:
                 os.unlink(address.path)

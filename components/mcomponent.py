@@ -31,7 +31,7 @@ import threading
 import time
 from collections import Counter
 
-from legorun.grpc_transport import import_grpc
+from legorun.grpc_transport import import_grpc, keep_frame_memory
 
 grpc = import_grpc()  # before anything else loads it: see legorun/grpc_transport.py
 
@@ -704,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         common.die(f"bad --lease: {e}")
     config = common.server_config_from_args(args, NAME)
+    keep_frame_memory()
     store = MemoryStore(capacity, lease)
     servicer = MemoryServicer(store)
     stop = threading.Event()

@@ -32,7 +32,7 @@ from collections import Counter
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from legorun.grpc_transport import import_grpc
+from legorun.grpc_transport import import_grpc, keep_frame_memory
 
 grpc = import_grpc()  # before anything else loads it: see legorun/grpc_transport.py
 
@@ -54,7 +54,6 @@ NAME = "scomponent"
 SYS_openat2 = 437
 SYS_faccessat2 = 439
 SYS_fchmodat2 = 452
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt(3), glibc's malloc.h
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
@@ -307,20 +306,6 @@ def read_reply(fd: int, rid: int, offset: int, length: int) -> bytes:
         got += n
     ctypes.memmove(base, wire.REP.pack(rid, 0, got, offset), wire.REP.size)
     return frame if got == length else frame[:wire.REP.size + got]
-
-
-def keep_frame_memory() -> None:
-    """Let glibc keep data frames' memory for the next frame.
-
-    Each frame is a fresh buffer of up to 16 MiB, in gRPC and then in
-    Python. By default every one is mmapped, faulted in page by page and
-    unmapped after its reply; served from the heap (below 32 MiB) and kept
-    there (up to 64 MiB free), the next frame reuses warm pages: a 1 MiB
-    write's round trip took ~0.85 ms instead of ~1.0 ms. Both settings are
-    needed: either alone was no faster."""
-    if hasattr(_libc, "mallopt"):  # glibc
-        _libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-        _libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
 
 def write_at(fd: int, data, offset: int, append: bool) -> tuple:

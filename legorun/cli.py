@@ -85,8 +85,11 @@ def main(argv: list | None = None) -> int:
 
 
 def run_guest(args, command: list) -> int:
+    from .grpc_transport import keep_frame_memory
     from .session import FatalError, Session
     from .tracer import LaunchError, Tracer
+
+    keep_frame_memory()  # page batches and file data in frames of up to 16 MiB
 
     try:
         session = Session(args.mount or ["/lego"], storage=args.storage, token=args.token,

@@ -25,6 +25,7 @@ changes.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 
@@ -46,3 +47,27 @@ def import_grpc():
         else:
             os.environ[EXPERIMENTS_ENV] = before
     return grpc
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt(3), glibc's malloc.h
+
+
+def keep_frame_memory() -> None:
+    """Let glibc keep large frames' memory for the next frame (the launcher
+    and both components call it).
+
+    Each data frame (a 1 MiB write, a batch of pages) is a fresh buffer of up
+    to 16 MiB, in gRPC and then in Python. By default every one is mmapped,
+    faulted in page by page and unmapped after use; served from the heap
+    (below 32 MiB) and kept there (up to 64 MiB free), the next frame reuses
+    warm pages. sComponent: a 1 MiB write's round trip ~0.85 ms instead of
+    ~1.0 ms (both settings are needed: either alone was no faster). Launcher:
+    joining an eviction's 256 pages into one frame took ~0.85 ms on fresh
+    mmapped memory and ~0.025 ms on warm heap pages."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(M_TRIM_THRESHOLD, 64 << 20)

@@ -89,10 +89,22 @@ class Thread:
 
     # ---- memory (process_vm_* keeps the kernel's EFAULT rules)
 
+    def _resident(self, addr: int, length: int) -> None:
+        """With remote memory, bring the ExCache's pages of the range in first:
+        legorun's own access to an evicted page would wait for a fault that
+        only legorun can serve."""
+        proc = self.process
+        if proc is None:
+            return
+        cache = proc.excache or proc.shares_mm
+        if cache is not None and cache.uffd.fd >= 0:
+            cache.ensure(addr, length)
+
     def read_bytes(self, addr: int, length: int) -> bytes:
         """Read `length` bytes; raises GuestError(EFAULT) if any byte is unreadable."""
         if length == 0:
             return b""
+        self._resident(addr, length)
         buf = ctypes.create_string_buffer(length)
         try:
             n = pt.vm_read_into(self.tid, addr, buf, length)
@@ -106,6 +118,7 @@ class Thread:
         """Read up to `length` bytes, stopping at the first unreadable page."""
         if length == 0:
             return b""
+        self._resident(addr, length)
         buf = ctypes.create_string_buffer(length)
         try:
             n = pt.vm_read_into(self.tid, addr, buf, length)
@@ -117,6 +130,7 @@ class Thread:
         """Write data; returns the count written before a bad page (EFAULT if none)."""
         if not data:
             return 0
+        self._resident(addr, len(data))
         try:
             return pt.vm_write(self.tid, addr, data)
         except OSError as e:
@@ -124,6 +138,7 @@ class Thread:
 
     def write_slice(self, addr: int, data: bytes, start: int, length: int) -> int:
         """Write data[start:start+length]; short at a bad page, EFAULT if nothing."""
+        self._resident(addr, length)
         try:
             return pt.vm_write_slice(self.tid, addr, data, start, length)
         except OSError as e:
@@ -131,12 +146,14 @@ class Thread:
 
     def read_frame(self, addr: int, length: int, header: bytes) -> bytes:
         """header + up to length bytes at addr (short at a bad page)."""
+        self._resident(addr, length)
         return pt.vm_read_frame(self.tid, addr, length, header)
 
     def read_cstring(self, addr: int, limit: int = PATH_MAX) -> bytes:
         """A NUL-terminated string (a path): EFAULT, or ENAMETOOLONG past `limit`."""
         if addr == 0:
             raise GuestError(errno.EFAULT)
+        self._resident(addr, limit)  # (at most two pages for a path)
         try:
             return _strings.read(self.tid, addr, limit)
         except OSError:
@@ -151,6 +168,7 @@ class Thread:
 
     def poke(self, addr: int, data: bytes) -> None:
         """Write legorun's own data into the guest, ignoring page protections."""
+        self._resident(addr, len(data))
         fd = os.open(f"/proc/{self.tid}/mem", os.O_RDWR)
         try:
             os.pwrite(fd, data, addr)

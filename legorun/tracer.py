@@ -81,7 +81,12 @@ def _fast_path(session):
     from .paths import MAGIC_PREFIXES
     prefixes = [os.fsencode(m.guest_path) for m in session.mounts.mounts]
     prefixes += [p.rstrip(b"/") for p in MAGIC_PREFIXES]  # fd magic links need Python
-    fastloop.configure(prefixes, table.fast_path_table())
+    try:  # with remote memory a path's page must be present before it is read
+        fastloop.configure(prefixes, table.fast_path_table(), session.memory is not None)
+    except TypeError:  # an older build: fine without remote memory
+        if session.memory is not None:
+            return None
+        fastloop.configure(prefixes, table.fast_path_table())
     return fastloop
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -79,7 +80,9 @@ def test_guest_writing_8x_the_excache_reads_back_every_byte_within_the_bound(mco
     stats = json.loads((tmp_path / "s.json").read_text())
     ex = stats["excache"]
     assert ex["evictions"] > 0 and ex["fetches"] > 0 and ex["zero_fills"] >= 2048
-    assert ex["peak_resident"] <= ex["capacity_pages"]
+    # (the README's slack: pages served while an eviction waits for the thread
+    # to stop, at most one batch: 32 pages at this size)
+    assert ex["peak_resident"] <= ex["capacity_pages"] + 32, ex
     assert _held(mcomponent) == (0, 0)  # the space was freed with the guest
 
 
@@ -148,6 +151,55 @@ def test_sequential_scans_up_and_down_are_fetched_in_large_windows(mcomponent, t
     assert frames * 24 <= ex["fetches"], (frames, ex)
     assert "readahead" in ops, ops  # the next window was asked for ahead of the guest
     assert _held(mcomponent) == (0, 0)
+
+
+EVICTED_ARGS_C = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+static void evict_everything(void) {   /* 8 MiB of other pages through a 1 MiB ExCache */
+    size_t n = 8 << 20;
+    unsigned char *q = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    for (size_t i = 0; i < n; i += 4096) q[i] = 1;
+    munmap(q, n);
+}
+int main(int argc, char **argv) {
+    /* paths and buffers in remote memory, evicted before the syscalls that
+       legorun itself reads or writes them for */
+    char *m = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    char *local = m, *remote = m + 8192, *buf = m + 65536, *back = m + 3 * 65536;
+    snprintf(local, 4096, "/tmp/legorun-no-such-file-%d", getpid());
+    snprintf(remote, 4096, "%s/evicted.dat", argv[1]);
+    for (int i = 0; i < 65536; i++) buf[i] = (char)(i * 7 + 3);
+    struct stat st;
+    evict_everything();
+    int r1 = stat(local, &st);                       /* a local path: the C fast path */
+    evict_everything();
+    int fd = open(remote, O_CREAT | O_TRUNC | O_RDWR, 0600);   /* a path on the mount */
+    evict_everything();
+    ssize_t w = write(fd, buf, 65536);               /* legorun reads the evicted buffer */
+    evict_everything();
+    ssize_t r = pread(fd, back, 65536, 0);           /* and writes into an evicted one */
+    printf("stat %d open %d write %zd read %zd same %d\n", r1, fd >= 0, w, r,
+           memcmp(buf, back, 65536) == 0);
+    return 0;
+}
+"""
+
+
+def test_syscalls_whose_arguments_were_evicted_are_served_without_waiting_on_legorun(
+        mcomponent, scomponent, tmp_path):
+    exe = compile_c(tmp_path, "evicted_args", EVICTED_ARGS_C)
+    r = legorun([exe, "/lego"], storage=scomponent.address, timeout=60,
+                options=("--mem", mcomponent, "--excache", "1M"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "stat -1 open 1 write 65536 read 65536 same 1\n"
+    assert (pathlib.Path(scomponent.root) / "evicted.dat").read_bytes() == bytes(
+        (i * 7 + 3) & 0xFF for i in range(65536))
 
 
 GROW_C = r"""

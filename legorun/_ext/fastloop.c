@@ -11,6 +11,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/ptrace.h>
 #include <sys/uio.h>
@@ -32,6 +33,40 @@ static char *prefixes[MAX_PREFIXES];        /* mount paths, e.g. "/lego" */
 static size_t prefix_len[MAX_PREFIXES];
 static int nprefixes;
 static unsigned long long handled;         /* stops answered here */
+
+/* With remote memory, the path may lie in a page the ExCache evicted:
+   reading it would fault into the userfaultfd that legorun itself serves
+   (a deadlock). Such a stop is left to Python, which brings the page in
+   first. Presence comes from /proc/TID/pagemap (bit 63), one fd per tid. */
+#define PAGEMAP_FDS 16
+static int check_present;
+static pid_t pm_tid[PAGEMAP_FDS];
+static int pm_fd[PAGEMAP_FDS] = {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1};
+static unsigned pm_next;
+
+static int page_present(pid_t tid, unsigned long long addr)
+{
+    int fd = -1;
+    for (int i = 0; i < PAGEMAP_FDS; i++)
+        if (pm_fd[i] >= 0 && pm_tid[i] == tid)
+            fd = pm_fd[i];
+    if (fd < 0) {
+        char path[64];
+        snprintf(path, sizeof path, "/proc/%d/pagemap", (int)tid);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            return 0;
+        unsigned slot = pm_next++ % PAGEMAP_FDS;
+        if (pm_fd[slot] >= 0)
+            close(pm_fd[slot]);
+        pm_tid[slot] = tid;
+        pm_fd[slot] = fd;
+    }
+    unsigned long long entry;
+    if (pread(fd, &entry, sizeof entry, (off_t)(addr / 4096) * 8) != (ssize_t)sizeof entry)
+        return 0;  /* a tid gone (or reused: the old fd reads nothing): Python decides */
+    return (int)(entry >> 63);
+}
 
 static int has_dot_component(const char *p, size_t n)
 {
@@ -89,6 +124,8 @@ static int local_path_stop(pid_t tid)
     unsigned long long addr = args[path_arg[nr] - 1];
     if (addr == 0)
         return 0;
+    if (check_present && !page_present(tid, addr))
+        return 0;
     char buf[PATH_FIRST + 1];
     size_t want = PATH_FIRST;
     size_t page_left = 4096 - (addr & 4095);
@@ -114,8 +151,10 @@ static int local_path_stop(pid_t tid)
 static PyObject *configure(PyObject *self, PyObject *args)
 {
     PyObject *pfx, *table;
-    if (!PyArg_ParseTuple(args, "OY", &pfx, &table))
+    int present = 0;
+    if (!PyArg_ParseTuple(args, "OY|p", &pfx, &table, &present))
         return NULL;
+    check_present = present;
     PyObject *seq = PySequence_Fast(pfx, "prefixes must be a sequence of bytes");
     if (!seq)
         return NULL;
@@ -195,8 +234,9 @@ static PyObject *counters(PyObject *self, PyObject *noargs)
 
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
-     "configure(prefixes: list[bytes], path_arg: bytearray) -- mount paths, and for each "
-     "syscall number 1 + the index of its path argument (0: never answered here)"},
+     "configure(prefixes: list[bytes], path_arg: bytearray, remote_memory=False) -- mount "
+     "paths, for each syscall number 1 + the index of its path argument (0: never answered "
+     "here), and whether a path's page must be checked present first"},
     {"wait", wait_event, METH_NOARGS,
      "wait() -> (tid, status) of the next event Python must see; local path stops are "
      "answered (PTRACE_CONT) without returning"},

@@ -115,6 +115,7 @@ class ExCache:
         self.writebacks: list = []                   # store tickets not yet collected
         self.streams: list = []                      # [start, end, window, continued] of recent fetches, newest last
         self.initial = PREFETCH                      # the window of a new stream (_readahead)
+        self.zero_next = None                        # the page after the last zero-filled run
         self.inflight: dict = {}                     # page -> ticket of a readahead fetch not yet collected
         self.tickets: OrderedDict = OrderedDict()    # readahead ticket -> its pages, oldest first
         self.drop_batched = None                     # process_madvise works here: None until known
@@ -290,9 +291,9 @@ class ExCache:
         group = [page]
         stored = page in self.stored
         region = self._region(page) if not stored else None
-        arrived = None  # page -> data, from a readahead fetch sent earlier
+        arrived = hint = None  # page -> data, from a readahead fetch sent earlier
         if stored and page in self.inflight:
-            arrived = self._arrived(self.inflight[page])
+            arrived, hint = self._arrived(self.inflight[page], page)
             group += [p for p in arrived if p != page and p not in self.resident]
         later = ()
         # fault-around: the pages that follow come too (not while evicting is
@@ -300,20 +301,28 @@ class ExCache:
         if not evict:
             del group[1:]
         elif stored:
-            more, later = self._readahead(page)
+            more, later = self._readahead(page, hint)
             if arrived is None:
                 group += more
             elif later:  # the stream runs on: ask for its next window now
                 self._send_ahead(later)
                 later = ()
         else:
-            ahead = PREFETCH if len(self.resident) + ZERO_AROUND > self.manager.capacity \
-                else ZERO_AROUND  # room to spare: never-written memory is zero-filled in larger runs
+            # never-written memory is zero-filled in larger runs while the cache
+            # has room, and where first touches go in order (memset, a growing
+            # array) however full it is
+            if page == self.zero_next:
+                ahead = min(READAHEAD_MAX, max(ZERO_AROUND, self.manager.capacity // 4))
+            elif len(self.resident) + ZERO_AROUND > self.manager.capacity:
+                ahead = PREFETCH
+            else:
+                ahead = ZERO_AROUND
             for i in range(1, ahead):
                 nxt = page + i * PAGE
                 if nxt in self.resident or nxt in self.stored or region is None or nxt >= region[1]:
                     break
                 group.append(nxt)
+            self.zero_next = group[-1] + PAGE
         incoming = len(group) - (page in self.resident)  # (a page served again is there)
         if evict and len(self.resident) + incoming > self.manager.capacity:
             stopped = self._make_room(tracer, tid, incoming)
@@ -357,7 +366,7 @@ class ExCache:
         self.manager.fault_done(self, page, len(group), stored, time.perf_counter() - began)
         return True
 
-    def _readahead(self, page: int) -> list:
+    def _readahead(self, page: int, hint: tuple | None = None) -> tuple:
         """The evicted pages to fetch with a missed one at `page`: those of a
         window beside it that are neither resident nor never-written (resident
         ones are skipped, not a stop: CPython's size-class pools interleave
@@ -370,25 +379,37 @@ class ExCache:
         stream with `self.initial` pages after it: PREFETCH at first, halved
         each time a stream is forgotten without having been continued, doubled
         back when one is continued. Random touches (sorting, hashing) so come
-        down to one page per miss instead of fetching pages nobody reads."""
+        down to one page per miss instead of fetching pages nobody reads.
+        `hint` (window, down): the miss reached a readahead window sent for a
+        stream of that window. Returns (pages to fetch now, pages to ask for
+        ahead)."""
         streams = self.streams
         window, down, going, continued = self.initial, False, False, False
+        cap = min(READAHEAD_MAX, max(PREFETCH, self.manager.capacity // 4))
         for i in range(len(streams) - 1, -1, -1):
             lo, hi, w, _ = streams[i]
-            if hi <= page < hi + w * PAGE:
+            # just past the window (as many pages of slack as it is wide, at
+            # most PREFETCH: resident ones were skipped), so that neither a
+            # wide window nor a narrow one makes random misses look sequential
+            slack = min(w, PREFETCH) * PAGE
+            if hi <= page < hi + slack:
                 pass
-            elif lo - w * PAGE <= page < lo:
+            elif lo - slack <= page < lo:
                 down = True
             else:
                 continue
-            window = min(2 * w, READAHEAD_MAX, max(PREFETCH, self.manager.capacity // 4))
+            window = min(2 * w, cap)
             going, continued = window >= ASYNC_WINDOW, True
             if not streams[i][3]:
                 self.initial = min(PREFETCH, 2 * self.initial)
             del streams[i]
             break
         else:
-            if len(streams) >= STREAMS:
+            if hint is not None:  # its stream was forgotten meanwhile: it goes on
+                window, down = hint
+                going = continued = True
+            if len(streams) >= STREAMS:  # the oldest goes (a running stream
+                # pushed out by random misses comes back through `hint`)
                 if not streams[0][3]:
                     self.initial = max(1, self.initial // 2)
                 del streams[0]
@@ -405,35 +426,46 @@ class ExCache:
         now = [p for p in span if p in stored and p not in resident and p not in inflight]
         if not going or len(inflight) + window > self.manager.capacity // 4:
             return now, ()
-        return now, [p for p in after if p in stored and p not in resident and p not in inflight]
+        return now, ([p for p in after if p in stored and p not in resident and p not in inflight],
+                     window, down)
 
-    def _send_ahead(self, pages: list) -> None:
+    def _send_ahead(self, later: tuple) -> None:
         """Ask for a stream's next window without waiting (asynchronous
         readahead): the guest computes on the window just served while the
-        reply travels; the miss that reaches the new window collects it."""
+        reply travels; the miss that reaches the new window collects it.
+        `later`: (pages, the stream's window, downwards)."""
+        pages, window, down = later
+        if not pages:
+            return
         ticket = self.remote().submit(self.space, fetch_addrs=pages, kind="readahead")
-        self.tickets[ticket] = pages
+        # where the stream enters the window: a miss there (give or take the
+        # slack) continues it; one elsewhere in the window is a random hit
+        edge = pages[-1] if down else pages[0]
+        self.tickets[ticket] = (pages, (window, down, edge))
         for p in pages:
             self.inflight[p] = ticket
         while len(self.tickets) > 2 * STREAMS:  # a stream that stopped: drop its window
             self._drop_ticket(next(iter(self.tickets)))
 
-    def _arrived(self, ticket: int) -> dict:
+    def _arrived(self, ticket: int, page: int) -> tuple:
         """Collect a readahead reply: page -> data (None: zeros) for the pages
         still as they were when it was sent (not faulted in, dropped or moved
         since: those left `inflight`)."""
-        pages = self.tickets.pop(ticket)
+        pages, (window, down, edge) = self.tickets.pop(ticket)
         datas = self.manager.client().collect(ticket)
+        slack = min(window, PREFETCH) * PAGE
+        hint = (window, down) if (edge - slack < page <= edge if down
+                                  else edge <= page < edge + slack) else None
         inflight = self.inflight
         out = {}
         for p, d in zip(pages, datas):
             if inflight.get(p) == ticket:
                 del inflight[p]
                 out[p] = d
-        return out
+        return out, hint
 
     def _drop_ticket(self, ticket: int) -> None:
-        pages = self.tickets.pop(ticket, ())
+        pages, _ = self.tickets.pop(ticket, ((), None))
         for p in pages:
             if self.inflight.get(p) == ticket:
                 del self.inflight[p]
@@ -545,16 +577,29 @@ class ExCache:
         where no fault can be served); with `pin`, keep them from eviction
         until unpin(). Pages outside the registered regions (the main stack,
         say) are left alone: they are not the ExCache's."""
-        for page in range(addr & ~(PAGE - 1), addr + max(length, 1), PAGE):
-            if page in self.resident or not any(r[0] <= page < r[1] for r in self.regions):
+        lo, hi = addr & ~(PAGE - 1), addr + max(length, 1)
+        want = []
+        for r in self.regions:
+            if r[1] <= lo or hi <= r[0]:
                 continue
-            if pin:
-                self.pinned.add(page)
+            for page in range(max(lo, r[0]), min(hi, r[1]), PAGE):
+                if pin:
+                    self.pinned.add(page)
+                if page not in self.resident:
+                    want.append(page)
+        if not want:
+            return
+        for page in want:
             self.inflight.pop(page, None)  # fetched here: a readahead's copy would be stale later
+        fetch = [p for p in want if p in self.stored]
+        datas = {}
+        for i in range(0, len(fetch), 4096):  # one round trip for a whole buffer
+            chunk = fetch[i:i + 4096]
+            datas.update(zip(chunk, self.remote().fetch(self.space, chunk)))
+        for page in want:
             try:
-                if page in self.stored:
-                    data = self.remote().fetch(self.space, [page])[0]
-                    mapped = self.uffd.copy(page, data or ZERO, wp=True)
+                if page in datas:
+                    mapped = self.uffd.copy(page, datas[page] or ZERO, wp=True)
                 else:
                     mapped = self.uffd.zero(page)
             except BlockingIOError:

@@ -688,6 +688,7 @@ class ExCache:
         self.manager.event(self.pid, "evict", min(victims), len(victims), "legorun", 0.0)
         runs = list(_runs(sorted(victims)))
         done = self._drop_all(tracer, tid, runs, victims) if len(runs) > 1 else 0
+        refused, done = done < 0, max(done, 0)
         for start, length in runs[done:]:
             if self._madvise(tracer, tid, start, length) < 0:
                 # EINVAL: mlock()ed (VM_LOCKED). The pages stay, as natively,
@@ -695,8 +696,10 @@ class ExCache:
                 # books); what was stored of them is never fetched while they
                 # stay, and is stored anew if they are evicted after munlock
                 stats.locked += length // PAGE
-            elif done == 0 and self.drop_batched is None:
-                self.drop_batched = False  # madvise works where process_madvise did not
+            elif refused and self.drop_batched is None:
+                # madvise takes the run process_madvise refused: an older kernel
+                self.drop_batched = False
+            refused = False
 
     def _drop_all(self, tracer, tid: int, runs: list, victims: list) -> int:
         """Drop many runs with one injected process_madvise(PIDFD_SELF_THREAD,
@@ -704,8 +707,9 @@ class ExCache:
         for the whole batch instead of one per run. The iovec is written below
         the stopped thread's red zone (memory the ABI lets a signal handler
         clobber) and the bytes there are put back after. Returns how many of
-        `runs` were dropped; the rest are left to madvise, one by one (an
-        mlock()ed run stops process_madvise; an older kernel refuses it)."""
+        `runs` were dropped (-1: the kernel refused the first); the rest are
+        left to madvise, one by one (an mlock()ed run stops process_madvise;
+        an older kernel refuses it)."""
         if self.drop_batched is False:
             return 0
         runs = runs[:IOV_MAX]
@@ -741,7 +745,7 @@ class ExCache:
             pt.setregs(tid, saved_regs)
             os.pwrite(self.mem_fd, saved, lo)
         if result >= 1 << 63:
-            return 0
+            return -1
         self.drop_batched = True
         done = 0
         for _, length in runs:  # the runs the bytes advised cover

@@ -202,6 +202,33 @@ def test_syscalls_whose_arguments_were_evicted_are_served_without_waiting_on_leg
         (i * 7 + 3) & 0xFF for i in range(65536))
 
 
+PROTECT_C = r"""
+#include <stdio.h>
+#include <sys/mman.h>
+int main(void) {
+    size_t n = 4 << 20, bad = 0;
+    unsigned char *p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    for (size_t i = 0; i < n; i += 512) p[i] = (unsigned char)(i * 3 + 1);  /* evicted: held remotely */
+    if (mprotect(p, n / 2, PROT_READ) != 0) return 2;
+    for (size_t i = 0; i < n; i += 512) bad += p[i] != (unsigned char)(i * 3 + 1);
+    printf("bad %zu\n", bad);
+    return 0;
+}
+"""
+
+
+def test_mprotect_of_a_region_the_mcomponent_holds_is_recorded_there(mcomponent, tmp_path):
+    exe = compile_c(tmp_path, "protect", PROTECT_C)
+    with MemoryClient(mcomponent) as c:
+        before = c.status().requests_by_op.get("protect", 0)
+    r = legorun([exe], options=("--mem", mcomponent, "--excache", "1M"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "bad 0\n"
+    with MemoryClient(mcomponent) as c:
+        assert c.status().requests_by_op.get("protect", 0) >= before + 1
+    assert _held(mcomponent) == (0, 0)
+
+
 GROW_C = r"""
 #include <stdio.h>
 #include <stdlib.h>
@@ -705,7 +732,8 @@ def test_excache_events_are_traced_and_its_timeline_drawn(mcomponent, tmp_path):
     assert {"fault", "fetch", "writeback", "evict"} <= kinds
     stats = json.loads((tmp_path / "s.json").read_text())
     assert stats["timeline"] and stats["fault_latency_us"]
-    assert all(s["resident_pages"] <= s["capacity_pages"] for s in stats["timeline"])
+    # (the README's slack: pages served while an eviction waits, one batch: 32 here)
+    assert all(s["resident_pages"] <= s["capacity_pages"] + 32 for s in stats["timeline"])
     out = tmp_path / "r.png"
     p = subprocess.run([PY, "-m", "legorun", "report", str(tmp_path / "s.json"), "-o", str(out)],
                        capture_output=True, text=True, timeout=120)

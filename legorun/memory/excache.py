@@ -214,6 +214,14 @@ class ExCache:
                 kept.append([end, r[1], r[2]])
         self.regions = kept
 
+    def protected(self, start: int, length: int, prot: int) -> None:
+        """mprotect succeeded: the mComponent's record of the regions it holds
+        follows (a region it has not been told of yet is recorded at its
+        first store)."""
+        end = start + ((length + PAGE - 1) & ~(PAGE - 1))
+        if self.created and any(r[2] and r[0] < end and start < r[1] for r in self.regions):
+            self.remote().protect(self.space, start, end - start, prot)
+
     def removed(self, start: int, end: int) -> None:
         """madvise(DONTNEED/FREE) by the guest: the range reads as zeros."""
         mapped = any(r[2] and r[0] < end and start < r[1] for r in self.regions)

@@ -23,6 +23,7 @@ CLONE_CHILD_CLEARTID = 0x200000
 CLONE_ARGS_CHILD_TID = 16   # offsetof(struct clone_args, child_tid)
 NR_MMAP = NR["mmap"]
 NR_BRK = NR["brk"]
+NR_MPROTECT = NR["mprotect"]
 NR_CLOSE = NR["close"]
 
 
@@ -101,6 +102,21 @@ def sys_brk(s, t, a):
             cache.heap_moved(result)
         return result
     return Rewrite(NR_BRK, a, finish)
+
+
+def sys_mprotect(s, t, a):
+    """mprotect: the mComponent's record of the regions it already holds
+    follows (regions it learns later are recorded as they are then)."""
+    if t.process.excache is None:
+        return None
+    start, length, prot = a[0], a[1], a[2] & 0xFFFFFFFF
+
+    def finish(tracer, t, result):
+        cache = t.process.excache
+        if cache is not None and result == 0:
+            cache.protected(start, length, prot)
+        return result
+    return Rewrite(NR_MPROTECT, a, finish)
 
 
 def sys_new_task(s, t, a):

@@ -178,6 +178,8 @@ TABLE: list[Entry] = [
        note="taking another process's remote fd refused with EOPNOTSUPP"),
     _e("brk", "excache", memory.sys_brk, serves=LOCAL,
        note="with --excache: the heap's growth is registered with the process's ExCache"),
+    _e("mprotect", "excache", memory.sys_mprotect, serves=LOCAL,
+       note="with --excache: the mComponent's record of the regions it holds follows"),
     _e("clone", "excache", memory.sys_new_task, serves=LOCAL,
        note="with --excache: a thread shares the ExCache, a forked child gets its own, a "
             "vfork child runs in its parent's; clone(CLONE_VM) alone makes the memory local"),

@@ -272,6 +272,7 @@ class Tracer:
                 self.stats.trapped += fast.handled() - handled_before
             signal.signal(signal.SIGCHLD, old_handler)
             signal.set_wakeup_fd(old_fd)
+            self._wake_fd = None
             os.close(r)
             os.close(w)
 

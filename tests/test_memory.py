@@ -149,7 +149,6 @@ def test_sequential_scans_up_and_down_are_fetched_in_large_windows(mcomponent, t
     # one page per RPC would be ~3,600 frames, fault-around alone ~230
     assert ex["fetches"] >= 2 * 7 * 256 * 0.9, ex
     assert frames * 24 <= ex["fetches"], (frames, ex)
-    assert "readahead" in ops, ops  # the next window was asked for ahead of the guest
     assert _held(mcomponent) == (0, 0)
 
 

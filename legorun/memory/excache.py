@@ -32,6 +32,13 @@ ZERO = bytes(PAGE)
 BATCH = 64                  # the smallest cache: two batches (MemoryManager.batch)
 PREFETCH = 16               # pages fetched with a missed one that starts no stream (fault-around)
 ASYNC_WINDOW = 64           # a stream this wide also asks for its next window ahead of the guest
+# Off for now: with it on, test_memory.py saw a guest die of SIGSEGV after its
+# last output about one run in ten (0 in 8 runs with it off). Suspected: a
+# readahead's data is taken before _make_room, whose waits read (and queue)
+# REMOVE/UNMAP events of other threads; the install then lands before those
+# events are applied. To be fixed, then turned back on (BENCHMARKS.md of
+# 9eda96b was measured with it on).
+ASYNC_READAHEAD = False
 READAHEAD_MAX = 256         # the most a stream's window grows to (1 MiB: one RPC costs ~0.7 ms, 16 pages ~0.26)
 STREAMS = 8                 # sequential streams followed at once per process
 ZERO_AROUND = 256            # pages zero-filled with a missed one while the ExCache has room
@@ -407,7 +414,7 @@ class ExCache:
             else:
                 continue
             window = min(2 * w, cap)
-            going, continued = window >= ASYNC_WINDOW, True
+            going, continued = ASYNC_READAHEAD and window >= ASYNC_WINDOW, True
             if not streams[i][3]:
                 self.initial = min(PREFETCH, 2 * self.initial)
             del streams[i]
@@ -415,7 +422,7 @@ class ExCache:
         else:
             if hint is not None:  # its stream was forgotten meanwhile: it goes on
                 window, down = hint
-                going = continued = True
+                going, continued = ASYNC_READAHEAD, True
             if len(streams) >= STREAMS:  # the oldest goes (a running stream
                 # pushed out by random misses comes back through `hint`)
                 if not streams[0][3]:

@@ -421,6 +421,19 @@ def render(a, n, mach, started, elapsed, results, baseline, baseline_cmd,
     return "\n".join(L)
 
 
+def _of_stream(ml, baseline, phases, at_least: float, text: str) -> list:
+    """For each (phase, baseline key) the sample printed: its throughput as a
+    percentage of the raw stream's, with the verdict against `at_least`."""
+    out = []
+    for phase, base in phases:
+        if phase in ml:
+            value = ml[phase][0]
+            pct = 100 * value / baseline[base]
+            out.append(text.format(phase=phase, value=value, pct=pct)
+                       + f" ({'met' if pct >= at_least else 'NOT met'})")
+    return out
+
+
 def target_verdict(key, rep, baseline) -> str:
     """Issues #2's and #3's targets, evaluated on this run's figures (no invented values)."""
     s = rep["summary"]
@@ -439,12 +452,9 @@ def target_verdict(key, rep, baseline) -> str:
         ml = stderr_metrics(rep["_runs"], "legorun")
         parts = []
         if key == "seqio":
-            for phase, base in (("write", baseline["stream_write_MBps"]),
-                                ("read", baseline["stream_read_MBps"])):
-                if phase in ml:
-                    pct = 100 * ml[phase][0] / base
-                    parts.append(f"{phase} {pct:.0f}% of gRPC "
-                                 f"({'met' if pct >= 50 else 'NOT met'})")
+            parts += _of_stream(ml, baseline, (("write", "stream_write_MBps"),
+                                               ("read", "stream_read_MBps")), 50,
+                                "{phase} {pct:.0f}% of gRPC")
         else:
             if "randread" in ml:
                 pct = 100 * ml["randread"][0] / baseline["pingpong_per_s"]
@@ -469,13 +479,9 @@ def target_verdict(key, rep, baseline) -> str:
                 f"({'met' if ratio <= 1.5 else 'NOT met'}); {leg / nat:.1f}x native")
     if key == "pagepath" and baseline:
         ml = stderr_metrics(rep["_runs"], "legorun")
-        parts = []
-        for phase, base in (("page-in", baseline["stream_read_MBps"]),
-                            ("write-back", baseline["stream_write_MBps"])):
-            if phase in ml:
-                pct = 100 * ml[phase][0] / base
-                parts.append(f"{phase} {ml[phase][0]:.0f} MB/s, {pct:.0f}% of the stream "
-                             f"({'met' if pct >= 60 else 'NOT met'})")
+        parts = _of_stream(ml, baseline, (("page-in", "stream_read_MBps"),
+                                          ("write-back", "stream_write_MBps")), 60,
+                           "{phase} {value:.0f} MB/s, {pct:.0f}% of the stream")
         if "touch p50" in ml:
             rtt = 1e6 / baseline["pingpong_per_s"]
             d = ml["touch p50"][0] - rtt

@@ -65,6 +65,21 @@ def _in_kernel_fault(tid: int) -> bool:
         return False
 
 
+def _apply_event(cache, event: int, a: int, b: int, c: int) -> None:
+    """A userfaultfd event other than a page fault: the ExCache's books follow
+    the change the kernel made (FORK: the child's uffd, claimed at its ptrace
+    fork event)."""
+    from .memory import uffd as U
+    if event == U.UFFD_EVENT_FORK:
+        cache.forked.append(a & 0xFFFFFFFF)
+    elif event == U.UFFD_EVENT_UNMAP:
+        cache.unmapped(a, b)
+    elif event == U.UFFD_EVENT_REMOVE:
+        cache.removed(a, b)
+    elif event == U.UFFD_EVENT_REMAP:
+        cache.remapped(a, b, c)
+
+
 def _kernel_result(tracer, t, result: int) -> int:
     return result
 
@@ -288,25 +303,26 @@ class Tracer:
         queued, self.pending_uffd = self.pending_uffd, []
         messages = [m for c, m in queued if c is cache] + list(cache.uffd.messages())
         self.pending_uffd += [(c, m) for c, m in queued if c is not cache]
-        for event, a, b, c in messages:
+        # The events first: once read, an event no longer holds UFFDIO_COPY
+        # back (EAGAIN), so a page served now lands in the mm as the event left
+        # it; a fault still waiting may take effect after the event, as it could
+        # natively (its access has not happened yet).
+        faults = []
+        for m in messages:
+            if m[0] == U.UFFD_EVENT_PAGEFAULT:
+                faults.append(m)
+            elif cache.uffd.fd >= 0:
+                _apply_event(cache, *m)
+        for event, a, b, c in faults:
             if cache.uffd.fd < 0:
                 return  # made local or gone meanwhile
-            if event == U.UFFD_EVENT_PAGEFAULT:
-                tid = c & 0xFFFFFFFF
-                t = self.threads.get(tid)
-                # a vfork child runs in this mm but is not stopped for evictions
-                evict = t is None or t.process is None or t.process.excache is cache
-                if not cache.fault(self, b, tid, evict=evict,
-                                   write=bool(a & U.UFFD_PAGEFAULT_FLAG_WRITE)):
-                    self.pending_uffd.append((cache, (event, a, b, c)))
-            elif event == U.UFFD_EVENT_FORK:
-                cache.forked.append(a & 0xFFFFFFFF)
-            elif event == U.UFFD_EVENT_UNMAP:
-                cache.unmapped(a, b)
-            elif event == U.UFFD_EVENT_REMOVE:
-                cache.removed(a, b)
-            elif event == U.UFFD_EVENT_REMAP:
-                cache.remapped(a, b, c)
+            tid = c & 0xFFFFFFFF
+            t = self.threads.get(tid)
+            # a vfork child runs in this mm but is not stopped for evictions
+            evict = t is None or t.process is None or t.process.excache is cache
+            if not cache.fault(self, b, tid, evict=evict,
+                               write=bool(a & U.UFFD_PAGEFAULT_FLAG_WRITE)):
+                self.pending_uffd.append((cache, (event, a, b, c)))
 
     def wait_interrupt(self, tid: int, cache) -> bool:
         """After PTRACE_INTERRUPT: wait until `tid` stops for it (True), or is gone.
@@ -438,10 +454,13 @@ class Tracer:
             if m[0] == U.UFFD_EVENT_REMOVE and removing and removing[0] <= m[1] \
                     and m[2] <= removing[1]:
                 continue  # our own drop
-            if m[0] == U.UFFD_EVENT_PAGEFAULT and (m[3] & 0xFFFFFFFF) not in self.frozen:
+            if m[0] != U.UFFD_EVENT_PAGEFAULT:
+                # Applied now, not queued: once read, the event no longer
+                # makes UFFDIO_COPY fail (EAGAIN), so a page served after this
+                # (a fault below, the one being served) must see its effect
+                _apply_event(cache, *m)
+            elif (m[3] & 0xFFFFFFFF) not in self.frozen:
                 retry.append(m)
-            elif m[0] == U.UFFD_EVENT_FORK:  # claimed by the parent's ptrace fork event
-                cache.forked.append(m[1] & 0xFFFFFFFF)
             else:
                 self.pending_uffd.append((cache, m))
         for m in retry[:]:

@@ -32,13 +32,7 @@ ZERO = bytes(PAGE)
 BATCH = 64                  # the smallest cache: two batches (MemoryManager.batch)
 PREFETCH = 16               # pages fetched with a missed one that starts no stream (fault-around)
 ASYNC_WINDOW = 64           # a stream this wide also asks for its next window ahead of the guest
-# Off for now: with it on, test_memory.py saw a guest die of SIGSEGV after its
-# last output about one run in ten (0 in 8 runs with it off). Suspected: a
-# readahead's data is taken before _make_room, whose waits read (and queue)
-# REMOVE/UNMAP events of other threads; the install then lands before those
-# events are applied. To be fixed, then turned back on (BENCHMARKS.md of
-# 9eda96b was measured with it on).
-ASYNC_READAHEAD = False
+ASYNC_READAHEAD = True      # (the switch, for measuring without it)
 READAHEAD_MAX = 256         # the most a stream's window grows to (1 MiB: one RPC costs ~0.7 ms, 16 pages ~0.26)
 STREAMS = 8                 # sequential streams followed at once per process
 ZERO_AROUND = 256            # pages zero-filled with a missed one while the ExCache has room
@@ -319,9 +313,6 @@ class ExCache:
             more, later = self._readahead(page, hint)
             if arrived is None:
                 group += more
-            elif later:  # the stream runs on: ask for its next window now
-                self._send_ahead(later)
-                later = ()
         else:
             # never-written memory is zero-filled in larger runs while the cache
             # has room, and where first touches go in order (memset, a growing
@@ -376,7 +367,9 @@ class ExCache:
         stats.peak_resident = max(stats.peak_resident, len(self.resident))
         if stopped:
             pt.cont(tid)
-        if later:  # after the fetch above: its reply would wait behind this one
+        if later:  # the stream runs on: ask for its next window (after the
+            # fetch above, whose reply would wait behind it; after the install,
+            # so that no page in it is also resident)
             self._send_ahead(later)
         self.manager.fault_done(self, page, len(group), stored, time.perf_counter() - began)
         return True
@@ -450,6 +443,10 @@ class ExCache:
         reply travels; the miss that reaches the new window collects it.
         `later`: (pages, the stream's window, downwards)."""
         pages, window, down = later
+        # as the books are now: faults served while room was made (the
+        # missed page's eviction) may have brought some of them in
+        resident, stored, inflight = self.resident, self.stored, self.inflight
+        pages = [p for p in pages if p in stored and p not in resident and p not in inflight]
         if not pages:
             return
         ticket = self.remote().submit(self.space, fetch_addrs=pages, kind="readahead")

@@ -33,6 +33,7 @@ BATCH = 64                  # the smallest cache: two batches (MemoryManager.bat
 PREFETCH = 16               # pages fetched with a missed one that starts no stream (fault-around)
 ASYNC_WINDOW = 64           # a stream this wide also asks for its next window ahead of the guest
 ASYNC_READAHEAD = True      # (the switch, for measuring without it)
+AHEAD_WINDOWS = 2           # windows of a stream in flight at once (a pipeline two deep)
 READAHEAD_MAX = 256         # the most a stream's window grows to (1 MiB: one RPC costs ~0.7 ms, 16 pages ~0.26)
 STREAMS = 8                 # sequential streams followed at once per process
 ZERO_AROUND = 256            # pages zero-filled with a missed one while the ExCache has room
@@ -424,38 +425,49 @@ class ExCache:
         if down:
             lo, hi = page - (window - 1) * PAGE, page + PAGE
             span = range(lo, page, PAGE)
-            after = range(lo - window * PAGE, lo, PAGE)
+            after = range(lo - AHEAD_WINDOWS * window * PAGE, lo, PAGE)
         else:
             lo, hi = page, page + window * PAGE
             span = range(page + PAGE, hi, PAGE)
-            after = range(hi, hi + window * PAGE, PAGE)
+            after = range(hi, hi + AHEAD_WINDOWS * window * PAGE, PAGE)
         streams.append([lo, hi, window, continued])
         resident, stored, inflight = self.resident, self.stored, self.inflight
         now = [p for p in span if p in stored and p not in resident and p not in inflight]
         if not going or len(inflight) + window > self.manager.capacity // 4:
             return now, ()
+        # the next windows, less those already asked for: once the pipeline
+        # is full, each continuation asks for one more window
         return now, ([p for p in after if p in stored and p not in resident and p not in inflight],
-                     window, down)
+                     window, down, lo if down else hi)
 
     def _send_ahead(self, later: tuple) -> None:
         """Ask for a stream's next window without waiting (asynchronous
         readahead): the guest computes on the window just served while the
         reply travels; the miss that reaches the new window collects it.
-        `later`: (pages, the stream's window, downwards)."""
-        pages, window, down = later
+        `later`: (pages, the stream's window, downwards, where the stream
+        leaves its current window); one request per window, the nearest
+        first, so that the first reply is not held back by the second."""
+        pages, window, down, start = later
         # as the books are now: faults served while room was made (the
         # missed page's eviction) may have brought some of them in
         resident, stored, inflight = self.resident, self.stored, self.inflight
         pages = [p for p in pages if p in stored and p not in resident and p not in inflight]
-        if not pages:
-            return
-        ticket = self.remote().submit(self.space, fetch_addrs=pages, kind="readahead")
-        # where the stream enters the window: a miss there (give or take the
-        # slack) continues it; one elsewhere in the window is a random hit
-        edge = pages[-1] if down else pages[0]
-        self.tickets[ticket] = (pages, (window, down, edge))
-        for p in pages:
-            self.inflight[p] = ticket
+        span = window * PAGE
+        for k in range(AHEAD_WINDOWS):
+            if down:
+                lo, hi = start - (k + 1) * span, start - k * span
+            else:
+                lo, hi = start + k * span, start + (k + 1) * span
+            chunk = [p for p in pages if lo <= p < hi]
+            if not chunk or len(inflight) + len(chunk) > self.manager.capacity // 4:
+                continue
+            ticket = self.remote().submit(self.space, fetch_addrs=chunk, kind="readahead")
+            # where the stream enters the window: a miss there (give or take
+            # the slack) continues it; one elsewhere in the window is a random hit
+            edge = chunk[-1] if down else chunk[0]
+            self.tickets[ticket] = (chunk, (window, down, edge))
+            for p in chunk:
+                inflight[p] = ticket
         while len(self.tickets) > 2 * STREAMS:  # a stream that stopped: drop its window
             self._drop_ticket(next(iter(self.tickets)))
 
@@ -628,7 +640,8 @@ class ExCache:
         A page still write-protected since it was fetched is as the
         mComponent holds it: dropped without a write-back. A page still the
         shared zero page holds zeros: nothing to read. The rest are read
-        (one pread per contiguous run) and stored, all-zero ones excepted."""
+        (one process_vm_readv per contiguous run) and stored, all-zero ones
+        excepted."""
         stats = self.manager.stats
         stores, zeros, gone, clean = [], [], [], []
         need = []
@@ -650,20 +663,20 @@ class ExCache:
                     else:
                         stats.prefetch_unused += 1
         for start, length in _runs(need):  # one read per contiguous run
-            try:
-                run = os.pread(self.mem_fd, length, start)
-            except OSError:
-                run = b""
+            run = pt.vm_read(self.pid, start, length)
+            view = memoryview(run)  # the stores are views of it: no copy per page
             for off in range(0, length, PAGE):
-                data = run[off:off + PAGE]
-                if len(data) != PAGE:  # not all there: read page by page
+                if off + PAGE <= len(run):
+                    data = view[off:off + PAGE]
+                else:  # not all there: read page by page
                     try:
                         data = os.pread(self.mem_fd, PAGE, start + off)
                     except OSError:
                         data = b""
-                if len(data) != PAGE:
-                    gone.append(start + off)  # not present after all: nothing to save
-                elif data == ZERO:
+                    if len(data) != PAGE:
+                        gone.append(start + off)  # not present after all: nothing to save
+                        continue
+                if run.startswith(ZERO, off) if off + PAGE <= len(run) else data == ZERO:
                     zeros.append(start + off)
                 else:
                     stores.append((start + off, data))

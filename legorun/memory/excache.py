@@ -349,13 +349,17 @@ class ExCache:
                 rest = [(p, d) for p, d in zip(group[1:], datas[1:])
                         if p not in self.resident and p in self.stored]  # else changed meanwhile
                 self._install_ahead(rest)
-            elif len(group) > 1 and self.uffd.zero(page, len(group) * PAGE):
+            elif len(group) > 1 and (self.uffd.copy_zeros(page, len(group) * PAGE) if write
+                                     else self.uffd.zero(page, len(group) * PAGE)):
+                # a write fault: what follows is most likely written too (an
+                # arena, a memset), so fresh pages rather than the zero page,
+                # which would cost the guest a copy-on-write fault per page
                 stats.zero_fills += len(group)
                 for p in group:
                     self.resident[p] = None
             else:
                 stats.zero_fills += 1
-                if not self.uffd.zero(page):
+                if not (self.uffd.copy_zeros(page, PAGE) if write else self.uffd.zero(page)):
                     self.uffd.wake(page, PAGE)
                 self.resident[page] = None
         except BlockingIOError:

@@ -52,6 +52,11 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 
+ZEROS_MAX = 256 * PAGE
+_ZEROS = ctypes.create_string_buffer(ZEROS_MAX)  # the source of copy_zeros
+_ZEROS_AT = ctypes.addressof(_ZEROS)
+
+
 class Userfaultfd:
     """legorun's copy of a guest's userfaultfd (taken with pidfd_getfd)."""
 
@@ -99,6 +104,19 @@ class Userfaultfd:
         except (FileExistsError, FileNotFoundError):
             # EEXIST: there already; ENOENT: the range is not one registered
             # mapping (any more): it was split (mprotect) or is being unmapped
+            return False
+        return True
+
+    def copy_zeros(self, dst: int, length: int) -> bool:
+        """Map fresh zeroed pages, writable, over [dst, dst+length) (at most
+        ZEROS_MAX bytes): for a write fault, where the shared zero page would
+        cost the guest a second fault per page, to copy it."""
+        if length > ZEROS_MAX:
+            raise ValueError(f"copy_zeros: {length} bytes, at most {ZEROS_MAX}")
+        struct.pack_into("<QQQQq", self._copy, 0, dst, _ZEROS_AT, length, 0, 0)
+        try:
+            fcntl.ioctl(self.fd, UFFDIO_COPY, self._copy)
+        except (FileExistsError, FileNotFoundError):  # as for copy
             return False
         return True
 

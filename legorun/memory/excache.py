@@ -166,6 +166,21 @@ class ExCache:
             fields = f.read().rpartition(")")[2].split()
         self.heap_end = (int(fields[45]) + PAGE - 1) & ~(PAGE - 1)  # field 48, start_brk
 
+    def adopt_stack(self) -> None:
+        """Register the main thread's stack as it is now (its pages join the
+        ExCache as resident). It grows down inside the same mapping, so the
+        registration covers its growth; a fault below the part known is
+        looked up in the kernel's maps (_region)."""
+        with open(f"/proc/{self.pid}/maps") as f:
+            for line in f:
+                if line.rstrip().endswith("[stack]"):
+                    lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                    try:
+                        self.register(lo, hi - lo, populated=True)
+                    except OSError:
+                        pass  # a stack the uffd cannot take stays local
+                    return
+
     def heap_moved(self, brk: int) -> None:
         """brk returned `brk`: register what the heap grew by (its shrink is an
         UNMAP event)."""
@@ -603,7 +618,7 @@ class ExCache:
         """Make the registered pages of [addr, addr+length) resident without
         evicting (legorun is about to read them, or the kernel to write them
         where no fault can be served); with `pin`, keep them from eviction
-        until unpin(). Pages outside the registered regions (the main stack,
+        until unpin(). Pages outside the registered regions (a `.bss`,
         say) are left alone: they are not the ExCache's."""
         lo, hi = addr & ~(PAGE - 1), addr + max(length, 1)
         want = []

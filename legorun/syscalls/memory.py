@@ -81,6 +81,7 @@ def _setup(s, a):
                 proc.excache = ExCache(s.memory, proc.pid, uffd, insn)
                 s.memory.add(proc.excache)
                 proc.excache.adopt_heap()
+                proc.excache.adopt_stack()
         result = tracer.inject_syscall(t, NR_MMAP, a)
         if result >= 0 and proc.excache is not None:
             proc.excache.register(result, a[1])

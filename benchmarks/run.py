@@ -205,6 +205,10 @@ def main(argv: list[str]) -> int:
                       [PY, sample("pagepath.py"), str(pp_mb), "3000"], ["--excache", "16M"], [],
                       "issue #3: page-in and write-back at least 60% of a raw gRPC stream; "
                       "a single-page fault at p50 at most 40 us more than a ping-pong"))
+        suite.append(("pagepath-2q", f"Memory: the page path as above, with --evict 2q",
+                      [PY, sample("pagepath.py"), str(pp_mb), "3000"],
+                      ["--excache", "16M", "--evict", "2q"], [],
+                      "the page path's figures with 2Q eviction (no target of its own)"))
 
     if a.only:
         keep = set(a.only.split(","))
@@ -477,7 +481,7 @@ def target_verdict(key, rep, baseline) -> str:
         return (f"{added:.2f} s added for {(sent + received) / 2**20:.0f} MiB moved, which a "
                 f"raw stream moves in {stream_s:.2f} s: {ratio:.1f}x "
                 f"({'met' if ratio <= 1.5 else 'NOT met'}); {leg / nat:.1f}x native")
-    if key == "pagepath" and baseline:
+    if key.startswith("pagepath") and baseline:
         ml = stderr_metrics(rep["_runs"], "legorun")
         parts = _of_stream(ml, baseline, (("page-in", "stream_read_MBps"),
                                           ("write-back", "stream_write_MBps")), 60,

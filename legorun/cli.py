@@ -30,9 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--excache", metavar="SIZE",
                    help="serve the guest's anonymous memory from an mComponent, keeping at most "
                         "SIZE (K/M/G) of it resident per process (LegoOS's ExCache)")
-    p.add_argument("--evict", choices=("fifo", "clock"), default="fifo",
-                   help="ExCache eviction policy: fifo (default; LegoOS's best) or clock (a page "
-                        "written since the hand last passed gets a second chance)")
+    p.add_argument("--evict", choices=("fifo", "clock", "2q"), default="fifo",
+                   help="ExCache eviction policy: fifo (default; LegoOS's best), clock (a page "
+                        "written since the hand last passed gets a second chance) or 2q (FIFO "
+                        "that keeps pages which fault again soon after their eviction)")
     p.add_argument("--mem", metavar="ADDR",
                    help="the mComponent: unix:/path or HOST:PORT; without it, --excache starts a "
                         "local one when first needed")
@@ -204,6 +205,7 @@ def print_summary(stats: dict, out) -> None:
             ("evictions", ex["evictions"],
              f"{ex['writebacks']} written back, {ex.get('clean_drops', 0)} dropped clean"
              + (f", {ex['second_chances']} second chances" if ex.get("second_chances") else "")
+             + (f", {ex['refaults']} refaults kept hot" if ex.get("refaults") else "")
              + (f", {ex['deferred']} deferred" if ex["deferred"] else "")),
         ]
         for name, n, detail in rows:

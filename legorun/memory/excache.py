@@ -60,6 +60,7 @@ class MemoryStats:
         self.prefetch_used = 0   # prefetched pages written before their eviction
         self.prefetch_unused = 0  # prefetched pages evicted unwritten (never used, or only read)
         self.second_chances = 0  # pages CLOCK kept because they were written since its last pass
+        self.refaults = 0        # pages 2Q saw fault again soon after their eviction (kept hot)
         self.locked = 0          # victims found mlock()ed: left resident, outside the budget
         self.not_present = 0     # victims found missing when evicted (books out of step)
         self.peak_resident = 0
@@ -110,6 +111,8 @@ class ExCache:
         self.forked: list = []                       # child uffds (FORK events) not yet claimed
         self.heap_end = None                         # the brk heap's end as last registered
         self.dirty: set = set()                      # written, then write-protected again (CLOCK)
+        self.ghost: OrderedDict = OrderedDict()      # recently evicted pages, oldest first (2Q)
+        self.hot: OrderedDict = OrderedDict()        # resident pages that faulted again soon (2Q)
         self.sharers: dict = {}                      # vfork child tid -> its blocked parent tid
         self.regions: list = []                      # [start, end, mapped on the mComponent]
         self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDWR)
@@ -214,6 +217,9 @@ class ExCache:
             del self.resident[page]
             self.ahead.discard(page)
             self.dirty.discard(page)
+            self.hot.pop(page, None)
+        for page in _pages_in(self.ghost, start, end):
+            del self.ghost[page]
         self.stored.difference_update(_pages_in(self.stored, start, end))
 
     def unmapped(self, start: int, end: int) -> None:
@@ -255,6 +261,8 @@ class ExCache:
         """
         delta = new - old
         self._drop_readahead()
+        self.ghost.clear()  # (2Q's memory of the moved pages is not worth moving)
+        self.hot.clear()
         moving = sorted(p for p in _pages_in(self.stored, old, old + length)
                         if p not in self.resident)
         moved = OrderedDict()
@@ -315,6 +323,8 @@ class ExCache:
         stopped = False
         group = [page]
         stored = page in self.stored
+        if stored and page in self.ghost:  # 2Q: evicted a moment ago, wanted again
+            self._refault(page)
         region = self._region(page) if not stored else None
         arrived = hint = None  # page -> data, from a readahead fetch sent earlier
         if stored and page in self.inflight:
@@ -574,6 +584,8 @@ class ExCache:
         CLOCK gives a page written since the hand last passed it a second
         chance: it goes to the young end, write-protected again (the write bit
         is the reference bit user space can see), and is remembered as dirty."""
+        if self.manager.policy == "2q":
+            return self._choose_2q(count)
         victims: list = []
         chosen: set = set()
         clock = self.manager.policy == "clock" and self.pagemap is not None
@@ -613,6 +625,36 @@ class ExCache:
                     self.resident.move_to_end(page)
             self.manager.stats.second_chances += len(spared)
         return victims
+
+    def _choose_2q(self, count: int) -> list:
+        """FIFO that passes over hot pages (2Q's protected queue): they go to
+        the young end instead, and stay hot until more recent refaults push
+        them out of the hot set."""
+        victims, passed = [], []
+        pinned, hot = self.pinned, self.hot
+        for page in self.resident:
+            if page in pinned:
+                continue
+            if page in hot:
+                passed.append(page)
+                continue
+            victims.append(page)
+            if len(victims) == count:
+                break
+        for page in passed:
+            self.resident.move_to_end(page)
+        self.manager.stats.second_chances += len(passed)
+        return victims
+
+    def _refault(self, page: int) -> None:
+        """A page faulted again while it was among the last capacity/2
+        evicted (2Q's A1out): it joins the hot set, at most a quarter of the
+        cache (the oldest hot page goes back to plain FIFO)."""
+        del self.ghost[page]
+        self.hot[page] = None
+        self.manager.stats.refaults += 1
+        while len(self.hot) > self.manager.capacity // 4:
+            self.hot.popitem(last=False)
 
     def ensure(self, addr: int, length: int, pin: bool = False) -> None:
         """Make the registered pages of [addr, addr+length) resident without
@@ -724,6 +766,13 @@ class ExCache:
             self.resident.pop(page, None)
         self.ahead.difference_update(victims)
         self.dirty.difference_update(victims)
+        if self.manager.policy == "2q":
+            ghost = self.ghost
+            for page in victims:
+                self.hot.pop(page, None)
+                ghost[page] = None
+            for _ in range(len(ghost) - self.manager.capacity // 2):
+                ghost.popitem(last=False)
         self.stored.update(p for p, _ in stores)
         self.stored.difference_update(zeros)
         stats.not_present += len(gone)
@@ -868,6 +917,8 @@ class ExCache:
         child.stored = set(self.stored)
         child.ahead = set(self.ahead)
         child.dirty = set(self.dirty)
+        child.ghost = OrderedDict(self.ghost)
+        child.hot = OrderedDict(self.hot)
         child.regions = [list(r) for r in self.regions]
         child.heap_end = self.heap_end
         child._after_fork()
@@ -978,7 +1029,7 @@ class MemoryManager:
 
     def __init__(self, capacity_pages: int, connect, policy: str = "fifo") -> None:
         self.capacity = max(capacity_pages, 64)
-        self.policy = policy        # "fifo" or "clock" (ExCache._choose)
+        self.policy = policy        # "fifo", "clock" or "2q" (ExCache._choose)
         # evicted together: one store, few madvise; larger batches for larger caches
         self.batch = max(16, min(256, self.capacity // 8))
         self._connect = connect     # () -> MemoryClient, started on first use

@@ -124,6 +124,7 @@ class ExCache:
         self.inflight: dict = {}                     # page -> ticket of a readahead fetch not yet collected
         self.tickets: OrderedDict = OrderedDict()    # readahead ticket -> its pages, oldest first
         self.drop_batched = None                     # process_madvise works here: None until known
+        self.read_buf = bytearray()                  # victims are read into it (evict)
 
     def remote(self):
         """The mComponent client, with this process's space created on it."""
@@ -336,7 +337,7 @@ class ExCache:
         if not evict:
             del group[1:]
         elif stored:
-            more, later = self._readahead(page, hint)
+            more, later = self._readahead(page, hint, fetching=arrived is None)
             if arrived is None:
                 group += more
         else:
@@ -404,7 +405,7 @@ class ExCache:
         self.manager.fault_done(self, page, len(group), stored, time.perf_counter() - began)
         return True
 
-    def _readahead(self, page: int, hint: tuple | None = None) -> tuple:
+    def _readahead(self, page: int, hint: tuple | None = None, fetching: bool = True) -> tuple:
         """The evicted pages to fetch with a missed one at `page`: those of a
         window beside it that are neither resident nor never-written (resident
         ones are skipped, not a stop: CPython's size-class pools interleave
@@ -419,8 +420,9 @@ class ExCache:
         back when one is continued. Random touches (sorting, hashing) so come
         down to one page per miss instead of fetching pages nobody reads.
         `hint` (window, down): the miss reached a readahead window sent for a
-        stream of that window. Returns (pages to fetch now, pages to ask for
-        ahead)."""
+        stream of that window. Returns (pages to fetch now, unless not
+        `fetching`: they came with a readahead; what to ask for ahead, for
+        _send_ahead)."""
         streams = self.streams
         window, down, going, continued = self.initial, False, False, False
         cap = min(READAHEAD_MAX, max(PREFETCH, self.manager.capacity // 4))
@@ -454,40 +456,36 @@ class ExCache:
         if down:
             lo, hi = page - (window - 1) * PAGE, page + PAGE
             span = range(lo, page, PAGE)
-            after = range(lo - AHEAD_WINDOWS * window * PAGE, lo, PAGE)
         else:
             lo, hi = page, page + window * PAGE
             span = range(page + PAGE, hi, PAGE)
-            after = range(hi, hi + AHEAD_WINDOWS * window * PAGE, PAGE)
         streams.append([lo, hi, window, continued])
         resident, stored, inflight = self.resident, self.stored, self.inflight
-        now = [p for p in span if p in stored and p not in resident and p not in inflight]
+        now = [p for p in span if p in stored and p not in resident and p not in inflight] \
+            if fetching else []
         if not going or len(inflight) + window > self.manager.capacity // 4:
             return now, ()
-        # the next windows, less those already asked for: once the pipeline
-        # is full, each continuation asks for one more window
-        return now, ([p for p in after if p in stored and p not in resident and p not in inflight],
-                     window, down, lo if down else hi)
+        return now, (window, down, lo if down else hi)
 
     def _send_ahead(self, later: tuple) -> None:
         """Ask for a stream's next window without waiting (asynchronous
         readahead): the guest computes on the window just served while the
         reply travels; the miss that reaches the new window collects it.
-        `later`: (pages, the stream's window, downwards, where the stream
-        leaves its current window); one request per window, the nearest
-        first, so that the first reply is not held back by the second."""
-        pages, window, down, start = later
-        # as the books are now: faults served while room was made (the
-        # missed page's eviction) may have brought some of them in
+        `later`: (the stream's window, downwards, where the stream leaves its
+        current window). One request per window, the nearest first, so that
+        the first reply is not held back by the second; a window asked for
+        at an earlier miss is mostly in flight still: only the rest goes."""
+        window, down, start = later
+        # the books as they are now (after this fault's install)
         resident, stored, inflight = self.resident, self.stored, self.inflight
-        pages = [p for p in pages if p in stored and p not in resident and p not in inflight]
         span = window * PAGE
         for k in range(AHEAD_WINDOWS):
             if down:
                 lo, hi = start - (k + 1) * span, start - k * span
             else:
                 lo, hi = start + k * span, start + (k + 1) * span
-            chunk = [p for p in pages if lo <= p < hi]
+            chunk = [p for p in range(lo, hi, PAGE)
+                     if p in stored and p not in resident and p not in inflight]
             if not chunk or len(inflight) + len(chunk) > self.manager.capacity // 4:
                 continue
             ticket = self.remote().submit(self.space, fetch_addrs=chunk, kind="readahead")
@@ -723,24 +721,34 @@ class ExCache:
                         stats.prefetch_used += 1
                     else:
                         stats.prefetch_unused += 1
-        for start, length in _runs(need):  # one read per contiguous run
-            run = pt.vm_read(self.pid, start, length)
-            view = memoryview(run)  # the stores are views of it: no copy per page
+        # one read per contiguous run, into one buffer kept from eviction to
+        # eviction (the stores are views of it until their frame is built)
+        total = len(need) * PAGE
+        buf = self.read_buf
+        if len(buf) < total:
+            buf = self.read_buf = bytearray(total)
+        view = memoryview(buf)
+        at = 0
+        for start, length in _runs(need):
+            got = pt.vm_read_at(self.pid, start, buf, at, length)
             for off in range(0, length, PAGE):
-                if off + PAGE <= len(run):
-                    data = view[off:off + PAGE]
-                else:  # not all there: read page by page
-                    try:
-                        data = os.pread(self.mem_fd, PAGE, start + off)
-                    except OSError:
-                        data = b""
-                    if len(data) != PAGE:
-                        gone.append(start + off)  # not present after all: nothing to save
-                        continue
-                if run.startswith(ZERO, off) if off + PAGE <= len(run) else data == ZERO:
+                if off + PAGE <= got:
+                    if buf.startswith(ZERO, at + off):
+                        zeros.append(start + off)
+                    else:
+                        stores.append((start + off, view[at + off:at + off + PAGE]))
+                    continue
+                try:  # not all there: read page by page
+                    data = os.pread(self.mem_fd, PAGE, start + off)
+                except OSError:
+                    data = b""
+                if len(data) != PAGE:
+                    gone.append(start + off)  # not present after all: nothing to save
+                elif data == ZERO:
                     zeros.append(start + off)
                 else:
                     stores.append((start + off, data))
+            at += length
         if stores:
             client = self.remote()
             region = None

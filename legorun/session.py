@@ -153,13 +153,11 @@ class Session:
                 try:
                     addr = comp.start(cpus=self.component_cpus())
                 except StartError as e:
-                    raise FatalError(str(e)) from None
+                    # (the guest's memory cannot be served: the tracer kills it)
+                    raise ComponentError("mComponent", "(embedded)", str(e)) from None
                 self._embedded.append(comp)
             client = MemoryClient(addr, token=self.token, tls_ca=self.tls_ca)
-            try:
-                client.connect()
-            except ComponentError as e:
-                raise FatalError(str(e)) from None
+            client.connect()  # ComponentError: the tracer kills the guest (MemoryLost)
             return client
         self.memory = MemoryManager(excache_bytes // PAGE, connect, policy)
 

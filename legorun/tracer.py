@@ -257,12 +257,7 @@ class Tracer:
                 while self.deferred:
                     self._on_wait(*self.deferred.pop(0))
                 for cache in list(memory.by_fd.values()):
-                    try:
-                        self._serve(cache)
-                    except ComponentError as e:
-                        self._kill_all()
-                        raise MemoryLost(f"{e}; the guest (pid {cache.pid}) was killed, as "
-                                         "the OOM killer would") from None
+                    self._serve(cache)
                 if self.parked:
                     self._retry_parked()
                 if not self.threads:
@@ -281,6 +276,15 @@ class Tracer:
                         pass
                 except BlockingIOError:
                     pass
+        except ComponentError as e:
+            # a fault, an eviction, a syscall's buffer or a fork needed the
+            # mComponent and it is gone or refused: no error can be handed to a
+            # page fault, so the guest dies as the OOM killer would kill it
+            if e.name != "mComponent":
+                raise FatalError(str(e)) from None
+            self._kill_all()
+            raise MemoryLost(f"{e}; the guest (pid {self.main_pid}) was killed, as the OOM "
+                             "killer would") from None
         finally:
             if fast is not None:  # stops the C fast path answered on its own
                 self.stats.ptrace_stops += fast.handled() - handled_before
@@ -583,6 +587,10 @@ class Tracer:
             outcome = self._redirected(t, nr, handler, args, r)
         except (FatalError, ProcessLookupError):
             raise
+        except ComponentError as e:
+            if e.name != "mComponent":
+                raise FatalError(str(e)) from None
+            raise  # the guest's memory cannot be served: _run_polling kills it
         except Exception as e:  # a bug in a handler: one line, and the call fails
             session.say(f"internal error in {NAMES.get(nr, nr)} for pid {t.tid}: {e!r}; "
                         "the call fails with EIO")

@@ -738,13 +738,62 @@ def test_spaces_of_a_killed_legorun_are_freed_after_the_lease(mcomponent, tmp_pa
     assert _held(mcomponent) == (0, 0)
 
 
-def test_unreachable_mcomponent_is_one_line_and_status_2_once_a_page_must_go_there(tmp_path):
+def _memory_lost(r, reason):
+    """legorun's way out when memory cannot be served: the guest killed as the
+    OOM killer would, one line naming the mComponent and why, status 137."""
+    assert r.returncode == 137, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("legorun: mComponent at ") and reason in lines[0], lines[0]
+    assert "killed, as the OOM killer would" in lines[0], lines[0]
+
+
+def test_unreachable_mcomponent_kills_the_guest_in_one_line_once_a_page_must_go_there(tmp_path):
     r = subprocess.run([PY, "-m", "legorun", "--mem", f"unix:{tmp_path}/none.sock", "--excache",
                         "1M", "--", PY, "-c", "x = b'x' * (8 << 20)"],
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "mComponent" in lines[0], r.stderr
+    _memory_lost(r, "no such socket")
+
+
+def test_a_full_mcomponent_kills_the_guest_in_one_line(tmp_path):
+    address = f"unix:{tmp_path}/small.sock"
+    server = subprocess.Popen([PY, "-m", "legorun_components.mcomponent", "--listen", address,
+                               "--capacity", "1M"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert server.stdout.readline().decode().startswith("listening on")
+        exe = compile_c(tmp_path, "pattern", PATTERN_C)
+        r = subprocess.run([PY, "-m", "legorun", "--mem", address, "--excache", "1M", "--",
+                            exe, "8", "1"], capture_output=True, text=True, timeout=120)
+        _memory_lost(r, "out of capacity")
+        assert server.poll() is None  # the server refused, and stays up
+        assert _held(address) == (0, 0)  # the space was freed all the same
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_an_mcomponent_killed_while_the_guest_runs_kills_the_guest_in_one_line(tmp_path):
+    address = f"unix:{tmp_path}/doomed.sock"
+    server = subprocess.Popen([PY, "-m", "legorun_components.mcomponent", "--listen", address],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert server.stdout.readline().decode().startswith("listening on")
+    exe = compile_c(tmp_path, "pattern", PATTERN_C)
+    p = subprocess.Popen([PY, "-m", "legorun", "--mem", address, "--excache", "1M", "--",
+                          exe, "8", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while _held(address)[1] == 0:  # pages are on the server: the guest is under way
+            assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()
+            time.sleep(0.05)
+        server.kill()
+        server.wait(10)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    _memory_lost(subprocess.CompletedProcess(p.args, p.returncode, out, err), "")
 
 
 def test_a_run_that_fits_the_excache_makes_no_rpc_and_starts_no_mcomponent(tmp_path):

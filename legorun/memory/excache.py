@@ -125,6 +125,7 @@ class ExCache:
         self.tickets: OrderedDict = OrderedDict()    # readahead ticket -> its pages, oldest first
         self.drop_batched = None                     # process_madvise works here: None until known
         self.read_buf = bytearray()                  # victims are read into it (evict)
+        self.scratch: set = set()                    # pages under _drop_all's iovec: kept resident
 
     def remote(self):
         """The mComponent client, with this process's space created on it."""
@@ -345,7 +346,7 @@ class ExCache:
             # has room, and where first touches go in order (memset, a growing
             # array) however full it is
             if page == self.zero_next:
-                ahead = min(READAHEAD_MAX, max(ZERO_AROUND, self.manager.capacity // 4))
+                ahead = min(READAHEAD_MAX, max(PREFETCH, self.manager.capacity // 4))
             elif len(self.resident) + ZERO_AROUND > self.manager.capacity:
                 ahead = PREFETCH
             else:
@@ -591,7 +592,7 @@ class ExCache:
         while len(victims) < count and passed < 2 * len(self.resident):
             batch = []
             for page in self.resident:
-                if page not in self.pinned and page not in chosen:
+                if page not in self.pinned and page not in chosen and page not in self.scratch:
                     batch.append(page)
                     if len(batch) == count - len(victims):
                         break
@@ -629,9 +630,9 @@ class ExCache:
         the young end instead, and stay hot until more recent refaults push
         them out of the hot set."""
         victims, passed = [], []
-        pinned, hot = self.pinned, self.hot
+        pinned, hot, scratch = self.pinned, self.hot, self.scratch
         for page in self.resident:
-            if page in pinned:
+            if page in pinned or page in scratch:
                 continue
             if page in hot:
                 passed.append(page)
@@ -788,7 +789,7 @@ class ExCache:
         stats.evictions += len(victims)
         self.manager.event(self.pid, "evict", min(victims), len(victims), "legorun", 0.0)
         runs = list(_runs(sorted(victims)))
-        done = self._drop_all(tracer, tid, runs, victims) if len(runs) > 1 else 0
+        done = self._drop_all(tracer, tid, runs, set(victims)) if len(runs) > 1 else 0
         refused, done = done < 0, max(done, 0)
         for start, length in runs[done:]:
             if self._madvise(tracer, tid, start, length) < 0:
@@ -802,7 +803,7 @@ class ExCache:
                 self.drop_batched = False
             refused = False
 
-    def _drop_all(self, tracer, tid: int, runs: list, victims: list) -> int:
+    def _drop_all(self, tracer, tid: int, runs: list, victims_set: set) -> int:
         """Drop many runs with one injected process_madvise(PIDFD_SELF_THREAD,
         iovec, n, MADV_DONTNEED) (Linux 6.14+; PLATFORM.md): one single-step
         for the whole batch instead of one per run. The iovec is written below
@@ -816,13 +817,30 @@ class ExCache:
         runs = runs[:IOV_MAX]
         regs = pt.getregs(tid)
         size = 16 * len(runs)
-        lo = (regs.rsp - 128 - size) & ~15
         # Not where a write would fault into this userfaultfd (a registered page
         # not resident, or one being dropped): legorun would wait for itself.
-        for page in range(lo & ~(PAGE - 1), lo + size, PAGE):
-            if (page not in self.resident or page in victims) and \
-                    any(r[0] <= page < r[1] for r in self.regions):
-                return 0
+        # Below a victim (the stack's own pages are evicted too) the next pages
+        # down are tried; registered pages there that are not resident (the
+        # stack below its deepest use so far, or evicted) are brought in
+        # first: one fetch or zero-fill instead of a single-step per run.
+        lo = (regs.rsp - 128 - size) & ~15
+        for _ in range(8):
+            pages = range(lo & ~(PAGE - 1), lo + size, PAGE)
+            if victims_set.isdisjoint(pages):
+                break
+            lo -= PAGE
+        else:
+            return 0
+        registered = [p for p in pages if any(r[0] <= p < r[1] for r in self.regions)]
+        self.scratch = set(registered)  # not evicted while they are the scratch (_choose)
+        if registered:
+            self.ensure(registered[0], registered[-1] + PAGE - registered[0])
+        if any(p not in self.resident for p in registered):
+            return 0
+        # pages as the mComponent holds them stay so (write-protected again
+        # once their bytes are back): borrowing them costs no write-back
+        clean = [p for p, kind in self._kinds(pages[0], pages[-1] + PAGE)
+                 if p in registered and kind is not None and not kind & PM.PAGE_IS_WRITTEN]
         try:
             saved = os.pread(self.mem_fd, size, lo)
             if len(saved) != size:
@@ -845,6 +863,8 @@ class ExCache:
         finally:
             pt.setregs(tid, saved_regs)
             os.pwrite(self.mem_fd, saved, lo)
+            for p in clean:
+                self.uffd.writeprotect(p, PAGE)
         if result >= 1 << 63:
             return -1
         self.drop_batched = True

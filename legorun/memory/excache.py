@@ -2,8 +2,8 @@
 resident; the rest lives on the mComponent (LegoOS's pComponent cache).
 
 It covers the anonymous private mappings a process makes with mmap after it
-starts (malloc's large blocks, CPython's arenas, thread stacks) and its brk
-heap, for all of its threads: FIFO eviction (LegoOS's best), dirty pages written back (an
+starts (malloc's large blocks, CPython's arenas, thread stacks), its brk heap
+and its main stack, for all of its threads: FIFO eviction (LegoOS's best), dirty pages written back (an
 all-zero one costs nothing), clean ones dropped, never-written pages
 zero-filled locally without an RPC. A forked child gets an ExCache of its
 own (UFFD_EVENT_FORK hands its userfaultfd over; the mComponent copies the

@@ -134,18 +134,6 @@ def vm_read_into(pid: int, addr: int, buf, length: int) -> int:
     return n
 
 
-def vm_read_at(pid: int, addr: int, buf: bytearray, offset: int, length: int) -> int:
-    """Copy up to `length` bytes at guest `addr` into buf[offset:] (one
-    process_vm_readv: about twice as fast as a pread of /proc/PID/mem).
-    Returns the count copied: short where the range runs into an unmapped or
-    unreadable page, 0 if it starts there."""
-    view = (ctypes.c_char * length).from_buffer(buf, offset)
-    local = iovec(ctypes.addressof(view), length)
-    remote = iovec(addr, length)
-    n = _process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-    return max(n, 0)
-
-
 class CStringReader:
     """Reads NUL-terminated strings (paths) from a guest: the hot path of every
     path syscall, so it reuses one buffer and one pair of iovecs."""

@@ -16,6 +16,7 @@ one is single-stepped through a `syscall` instruction of its vDSO.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import struct
@@ -731,7 +732,11 @@ class ExCache:
         view = memoryview(buf)
         at = 0
         for start, length in _runs(need):
-            got = pt.vm_read_at(self.pid, start, buf, at, length)
+            try:  # (one process_vm_readv: about twice as fast as a pread of /proc/PID/mem)
+                got = pt.vm_read_into(self.pid, start,
+                                      (ctypes.c_char * length).from_buffer(buf, at), length)
+            except OSError:
+                got = 0
             for off in range(0, length, PAGE):
                 if off + PAGE <= got:
                     if buf.startswith(ZERO, at + off):

@@ -96,16 +96,8 @@ class Userfaultfd:
         wake the faulting thread; with `wp`, write-protected (with WP_ASYNC the
         kernel lifts that at the first write, which marks the page written).
         False if a page was already there (a raced, repeated fault)."""
-        src = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
-        struct.pack_into("<QQQQq", self._copy, 0, dst, src, len(data),
-                         UFFDIO_COPY_MODE_WP if wp else 0, 0)
-        try:
-            fcntl.ioctl(self.fd, UFFDIO_COPY, self._copy)
-        except (FileExistsError, FileNotFoundError):
-            # EEXIST: there already; ENOENT: the range is not one registered
-            # mapping (any more): it was split (mprotect) or is being unmapped
-            return False
-        return True
+        return self._copy_from(dst, ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value,
+                               len(data), wp)
 
     def copy_zeros(self, dst: int, length: int) -> bool:
         """Map fresh zeroed pages, writable, over [dst, dst+length) (at most
@@ -113,10 +105,16 @@ class Userfaultfd:
         cost the guest a second fault per page, to copy it."""
         if length > ZEROS_MAX:
             raise ValueError(f"copy_zeros: {length} bytes, at most {ZEROS_MAX}")
-        struct.pack_into("<QQQQq", self._copy, 0, dst, _ZEROS_AT, length, 0, 0)
+        return self._copy_from(dst, _ZEROS_AT, length, False)
+
+    def _copy_from(self, dst: int, src: int, length: int, wp: bool) -> bool:
+        struct.pack_into("<QQQQq", self._copy, 0, dst, src, length,
+                         UFFDIO_COPY_MODE_WP if wp else 0, 0)
         try:
             fcntl.ioctl(self.fd, UFFDIO_COPY, self._copy)
-        except (FileExistsError, FileNotFoundError):  # as for copy
+        except (FileExistsError, FileNotFoundError):
+            # EEXIST: there already; ENOENT: the range is not one registered
+            # mapping (any more): it was split (mprotect) or is being unmapped
             return False
         return True
 

@@ -59,5 +59,7 @@ class OptionalBuildExt(build_ext):
 setup(
     cmdclass={"build_py": BuildPyWithProtos, "build_ext": OptionalBuildExt},
     ext_modules=[Extension("legorun._ext.fastloop", ["legorun/_ext/fastloop.c"],
+                           extra_compile_args=["-O2"]),
+                 Extension("legorun._ext.pagecore", ["legorun/_ext/pagecore.c"],
                            extra_compile_args=["-O2"])],
 )

@@ -254,8 +254,8 @@ class MemoryClient(ComponentClient):
         if stores:
             self._seq += 1
             seq = self._seq
-            addrs = [a for a, _ in stores]
-            frame = memwire.request(rid, space, seq, addrs, [d for _, d in stores], fetch_addrs)
+            addrs, datas = memwire.split_stores(stores)
+            frame = memwire.request(rid, space, seq, addrs, datas, fetch_addrs)
         else:
             addrs = ()
             frame = memwire.request(rid, space, 0, (), (), fetch_addrs)
@@ -356,8 +356,8 @@ class MemoryClient(ComponentClient):
             self._next_id += 1
             if stores:
                 self._seq += 1
-                addrs = [a for a, _ in stores]
-                frame = memwire.request(rid, space, self._seq, addrs, [d for _, d in stores], fetch_addrs)
+                addrs, datas = memwire.split_stores(stores)
+                frame = memwire.request(rid, space, self._seq, addrs, datas, fetch_addrs)
             else:
                 addrs = ()
                 frame = memwire.request(rid, space, 0, (), (), fetch_addrs)

@@ -63,9 +63,39 @@ def unpack_addrs(buf, offset: int, n: int) -> tuple:
     return s.unpack_from(buf, offset)
 
 
+class Pages:
+    """Pages to store as one block: their addresses, and their bytes back to
+    back (an eviction reads them so; no per-page objects). Sequence-like
+    enough to stand for a list of (address, data) pairs."""
+
+    __slots__ = ("addrs", "data")
+
+    def __init__(self, addrs: list, data) -> None:
+        if len(data) != len(addrs) * PAGE_SIZE:
+            raise ValueError(f"{len(addrs)} pages need {len(addrs) * PAGE_SIZE} bytes, not {len(data)}")
+        self.addrs = addrs
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.addrs)
+
+    def __iter__(self):
+        view = memoryview(self.data)
+        for i, a in enumerate(self.addrs):
+            yield a, view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+
+
+def split_stores(stores) -> tuple:
+    """(addresses, data pieces) of a list of (address, data) pairs or a Pages."""
+    if isinstance(stores, Pages):
+        return stores.addrs, (stores.data,)
+    return [a for a, _ in stores], [d for _, d in stores]
+
+
 def request(rid: int, space: bytes, seq: int, store_addrs, store_data, fetch_addrs) -> bytes:
-    """One request frame. ``store_data`` is a list of PAGE_SIZE-byte
-    bytes-like objects matching ``store_addrs``."""
+    """One request frame. ``store_data``: bytes-like pieces that together
+    hold the pages of ``store_addrs`` in order (one PAGE_SIZE piece per page,
+    or a single block)."""
     ns, nf = len(store_addrs), len(fetch_addrs)
     return b"".join((REQ.pack(rid, OP_PAGES, 0, 0, space, seq, ns, nf),
                      pack_addrs(store_addrs) if ns else b"",

@@ -52,10 +52,11 @@ def _held(address):
     return st.spaces, st.pages
 
 
-def _run_sampling_rss_anon(cmd, exe):
+def _run_sampling_rss_anon(cmd, exe, env=None):
     """Run cmd (legorun with the guest `exe`); sample the guest's RssAnon
     (KiB) while it runs. Returns (process, stdout, stderr, peak)."""
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=None if env is None else {**os.environ, **env})
     peak = 0
     launcher = psutil.Process(p.pid)
     while p.poll() is None:
@@ -74,7 +75,7 @@ def _run_sampling_rss_anon(cmd, exe):
     return p, out, err, peak
 
 
-def _run_within_1m(mcomponent, tmp_path, exe, *args):
+def _run_within_1m(mcomponent, tmp_path, exe, *args, env=None):
     """Run the C guest `exe` (it prints "bad 0" when every byte read back)
     under a 1 MiB ExCache; its RssAnon, sampled, stays within the ExCache plus
     the documented slack (libc's own data, pages touched before the first
@@ -82,15 +83,21 @@ def _run_within_1m(mcomponent, tmp_path, exe, *args):
     import json
     cmd = [PY, "-m", "legorun", "--mem", mcomponent, "--excache", "1M",
            "--stats-json", str(tmp_path / "s.json"), "--", exe, *args]
-    p, out, err, peak = _run_sampling_rss_anon(cmd, exe)
+    p, out, err, peak = _run_sampling_rss_anon(cmd, exe, env)
     assert p.returncode == 0, err
     assert out == "bad 0\n"
     assert 0 < peak <= 1024 + 1024, peak
     return json.loads((tmp_path / "s.json").read_text())["excache"]
 
 
-def test_guest_writing_8x_the_excache_reads_back_every_byte_within_the_bound(mcomponent, tmp_path):
-    ex = _run_within_1m(mcomponent, tmp_path, compile_c(tmp_path, "pattern", PATTERN_C), "8", "3")
+@pytest.mark.parametrize("loops", ["C", "Python"])
+def test_guest_writing_8x_the_excache_reads_back_every_byte_within_the_bound(
+        mcomponent, tmp_path, loops):
+    # the ExCache's per-page loops in C (legorun/_ext/pagecore.c) and in
+    # their pure-Python reference (LEGORUN_NO_FASTPATH=1)
+    env = {"LEGORUN_NO_FASTPATH": "1"} if loops == "Python" else None
+    ex = _run_within_1m(mcomponent, tmp_path, compile_c(tmp_path, "pattern", PATTERN_C), "8", "3",
+                        env=env)
     assert ex["evictions"] > 0 and ex["fetches"] > 0 and ex["zero_fills"] >= 2048
     # (the README's slack: pages served while an eviction waits for the thread
     # to stop, at most one batch: 32 pages at this size)

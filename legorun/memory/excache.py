@@ -16,7 +16,6 @@ one is single-stepped through a `syscall` instruction of its vDSO.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import secrets
 import struct
@@ -25,6 +24,8 @@ from collections import OrderedDict
 
 from ..stats import Latencies
 from ..kernel import ptrace as pt
+from .. import memwire
+from . import pagecore as PC
 from . import pagemap as PM
 from . import uffd as U
 
@@ -125,7 +126,6 @@ class ExCache:
         self.inflight: dict = {}                     # page -> ticket of a readahead fetch not yet collected
         self.tickets: OrderedDict = OrderedDict()    # readahead ticket -> its pages, oldest first
         self.drop_batched = None                     # process_madvise works here: None until known
-        self.read_buf = bytearray()                  # victims are read into it (evict)
         self.scratch: set = set()                    # pages under _drop_all's iovec: kept resident
 
     def remote(self):
@@ -457,14 +457,12 @@ class ExCache:
                 del streams[0]
         if down:
             lo, hi = page - (window - 1) * PAGE, page + PAGE
-            span = range(lo, page, PAGE)
         else:
             lo, hi = page, page + window * PAGE
-            span = range(page + PAGE, hi, PAGE)
         streams.append([lo, hi, window, continued])
         resident, stored, inflight = self.resident, self.stored, self.inflight
-        now = [p for p in span if p in stored and p not in resident and p not in inflight] \
-            if fetching else []
+        now = (PC.absent(lo, page, stored, resident, inflight) if down
+               else PC.absent(page + PAGE, hi, stored, resident, inflight)) if fetching else []
         if not going or len(inflight) + window > self.manager.capacity // 4:
             return now, ()
         return now, (window, down, lo if down else hi)
@@ -486,8 +484,7 @@ class ExCache:
                 lo, hi = start - (k + 1) * span, start - k * span
             else:
                 lo, hi = start + k * span, start + (k + 1) * span
-            chunk = [p for p in range(lo, hi, PAGE)
-                     if p in stored and p not in resident and p not in inflight]
+            chunk = PC.absent(lo, hi, stored, resident, inflight)
             if not chunk or len(inflight) + len(chunk) > self.manager.capacity // 4:
                 continue
             ticket = self.remote().submit(self.space, fetch_addrs=chunk, kind="readahead")
@@ -532,24 +529,15 @@ class ExCache:
 
     def _install_ahead(self, pages: list) -> None:
         """Map prefetched (page, data) pairs, write-protected: one UFFDIO_COPY
-        per contiguous run."""
-        i = 0
-        while i < len(pages):
-            j = i + 1
-            while j < len(pages) and pages[j][0] == pages[j - 1][0] + PAGE:
-                j += 1
-            run = pages[i:j]
-            try:
-                if self.uffd.copy(run[0][0], b"".join(d or ZERO for _, d in run), wp=True):
-                    done = run
-                else:  # a page is there already, or the run spans mappings: one by one
-                    done = [(p, d) for p, d in run if self.uffd.copy(p, d or ZERO, wp=True)]
-            except BlockingIOError:
-                return  # the layout is changing: leave the rest for later
-            for p, _ in done:
-                self.resident[p] = None
-                self.ahead.add(p)
-            i = j
+        per contiguous run (a page there already is skipped; at EAGAIN, the
+        layout is changing, the rest is left for later)."""
+        if not pages:
+            return
+        done, _ = PC.install(self.uffd.fd, [p for p, _ in pages], [d for _, d in pages], True)
+        resident, ahead = self.resident, self.ahead
+        for p in done:
+            resident[p] = None
+        ahead.update(done)
 
     def _make_room(self, tracer, tid: int, incoming: int) -> bool:
         """Evict a batch and room for `incoming` pages; True if the thread was
@@ -704,61 +692,27 @@ class ExCache:
         (one process_vm_readv per contiguous run) and stored, all-zero ones
         excepted."""
         stats = self.manager.stats
-        stores, zeros, gone, clean = [], [], [], []
-        need = []
-        for start, length in _runs(sorted(victims)):
-            for page, kind in self._kinds(start, start + length):
-                if kind is None:
-                    gone.append(page)
-                elif kind & PM.PAGE_IS_PFNZERO:
-                    zeros.append(page)
-                elif not kind & PM.PAGE_IS_WRITTEN and page in self.stored \
-                        and page not in self.dirty:
-                    clean.append(page)
-                else:
-                    need.append(page)
-                if page in self.ahead:
-                    if kind is not None and kind & PM.PAGE_IS_WRITTEN \
-                            and not kind & PM.PAGE_IS_PFNZERO:
-                        stats.prefetch_used += 1
-                    else:
-                        stats.prefetch_unused += 1
-        # one read per contiguous run, into one buffer kept from eviction to
-        # eviction (the stores are views of it until their frame is built)
-        total = len(need) * PAGE
-        buf = self.read_buf
-        if len(buf) < total:
-            buf = self.read_buf = bytearray(total)
-        view = memoryview(buf)
-        at = 0
-        for start, length in _runs(need):
-            try:  # (one process_vm_readv: about twice as fast as a pread of /proc/PID/mem)
-                got = pt.vm_read_into(self.pid, start,
-                                      (ctypes.c_char * length).from_buffer(buf, at), length)
-            except OSError:
-                got = 0
-            for off in range(0, length, PAGE):
-                if off + PAGE <= got:
-                    if buf.startswith(ZERO, at + off):
-                        zeros.append(start + off)
-                    else:
-                        stores.append((start + off, view[at + off:at + off + PAGE]))
-                    continue
-                try:  # not all there: read page by page
-                    data = os.pread(self.mem_fd, PAGE, start + off)
-                except OSError:
-                    data = b""
-                if len(data) != PAGE:
-                    gone.append(start + off)  # not present after all: nothing to save
-                elif data == ZERO:
-                    zeros.append(start + off)
-                else:
-                    stores.append((start + off, data))
-            at += length
+        chosen, victims = victims, sorted(victims)
+        try:
+            need, zeros, gone, clean, used, unused = PC.classify(
+                self.pagemap.fd if self.pagemap is not None else -1,
+                victims, self.stored, self.dirty, self.ahead)
+        except OSError:  # no PAGEMAP_SCAN (Linux < 6.7): write every page back
+            self.pagemap = None
+            need, zeros, gone, clean, used, unused = PC.classify(
+                -1, victims, self.stored, self.dirty, self.ahead)
+        stats.prefetch_used += used
+        stats.prefetch_unused += unused
+        # one process_vm_readv per contiguous run (about twice as fast as a
+        # pread of /proc/PID/mem); all-zero pages are not stored
+        addrs, data, read_zeros, read_gone = PC.read_pages(self.pid, self.mem_fd, need)
+        zeros += read_zeros
+        gone += read_gone
+        stores = memwire.Pages(addrs, data)
         if stores:
             client = self.remote()
             region = None
-            for page, _ in stores:  # the regions of these pages, each looked up once
+            for page in addrs:  # the regions of these pages, each looked up once
                 if region is not None and region[0] <= page < region[1]:
                     continue
                 region = self._region(page)
@@ -769,7 +723,7 @@ class ExCache:
                             r[2] = True
                     region[2] = True
             self.collect_writebacks()
-            self.manager.event(self.pid, "writeback", stores[0][0], len(stores), "mComponent", 0.0)
+            self.manager.event(self.pid, "writeback", addrs[0], len(stores), "mComponent", 0.0)
             # off the fault path: the reply is collected at the next eviction;
             # the server applies frames in order, so a later fetch sees them
             self.writebacks.append(client.submit(self.space, stores=stores, kind="store"))
@@ -782,18 +736,18 @@ class ExCache:
         self.dirty.difference_update(victims)
         if self.manager.policy == "2q":
             ghost = self.ghost
-            for page in victims:
+            for page in chosen:  # (oldest first)
                 self.hot.pop(page, None)
                 ghost[page] = None
             for _ in range(len(ghost) - self.manager.capacity // 2):
                 ghost.popitem(last=False)
-        self.stored.update(p for p, _ in stores)
+        self.stored.update(addrs)
         self.stored.difference_update(zeros)
         stats.not_present += len(gone)
-        stats.clean_drops += len(clean)
+        stats.clean_drops += clean
         stats.evictions += len(victims)
         self.manager.event(self.pid, "evict", min(victims), len(victims), "legorun", 0.0)
-        runs = list(_runs(sorted(victims)))
+        runs = list(_runs(victims))
         done = self._drop_all(tracer, tid, runs, set(victims)) if len(runs) > 1 else 0
         refused, done = done < 0, max(done, 0)
         for start, length in runs[done:]:
@@ -1042,19 +996,7 @@ def _gaps(start: int, end: int, ranges: list):
         yield at, end
 
 
-def _runs(pages: list):
-    """Contiguous runs of sorted page addresses as (start, length)."""
-    start = prev = None
-    for p in pages:
-        if start is None:
-            start = prev = p
-        elif p == prev + PAGE:
-            prev = p
-        else:
-            yield start, prev + PAGE - start
-            start = prev = p
-    if start is not None:
-        yield start, prev + PAGE - start
+_runs = PC.runs
 
 
 class MemoryManager:

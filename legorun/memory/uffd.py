@@ -118,6 +118,19 @@ class Userfaultfd:
             return False
         return True
 
+    def copy_part(self, dst: int, data: bytes, wp: bool = False) -> tuple:
+        """UFFDIO_COPY that tells a partial copy from none: (0 or the errno,
+        bytes mapped). A run that meets a page already there maps the pages
+        before it and fails EAGAIN with their count (mfill_atomic)."""
+        src = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+        struct.pack_into("<QQQQq", self._copy, 0, dst, src, len(data),
+                         UFFDIO_COPY_MODE_WP if wp else 0, 0)
+        try:
+            fcntl.ioctl(self.fd, UFFDIO_COPY, self._copy)
+        except OSError as e:
+            return e.errno, max(struct.unpack_from("<q", self._copy, 32)[0], 0)
+        return 0, len(data)
+
     def zero(self, dst: int, length: int = PAGE) -> bool:
         """Map the zero page over [dst, dst+length); False if a page was there
         or the range is not one registered mapping."""

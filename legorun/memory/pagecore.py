@@ -1,0 +1,166 @@
+"""The ExCache's per-page loops: legorun/_ext/pagecore.c when it was built,
+else these pure-Python versions of the same functions (the reference for
+what the C does; LEGORUN_NO_FASTPATH=1 selects them, as it does for the
+syscall fast path).
+
+The books stay with the ExCache (excache.py); these walk them page by page.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+from ..kernel import ptrace as pt
+from . import pagemap as PM
+from . import uffd as U
+
+PAGE = U.PAGE
+ZERO = bytes(PAGE)
+
+
+def absent(lo: int, hi: int, stored, resident, inflight) -> list:
+    """The pages of [lo, hi) held on the mComponent, neither resident nor in
+    a readahead in flight: what a fetch of that window would bring."""
+    return [p for p in range(lo, hi, PAGE)
+            if p in stored and p not in resident and p not in inflight]
+
+
+def classify(pm_fd: int, victims: list, stored, dirty, ahead) -> tuple:
+    """Sort the (sorted) victims by what their eviction needs, from their
+    PAGEMAP_SCAN categories (pm_fd -1: the kernel cannot say; every page
+    counts as written). Returns (need: pages to read and store, zeros: still
+    the shared zero page, gone: not mapped, clean: how many are as the
+    mComponent holds them (written-protected since fetched, not dirty),
+    used/unused: prefetched ones written / not written before eviction).
+    Raises OSError if PAGEMAP_SCAN fails."""
+    need, zeros, gone = [], [], []
+    clean = used = unused = 0
+    scanner = PM.Scanner(pm_fd) if pm_fd >= 0 else None
+    for start, length in runs(victims):
+        for page, kind in _kinds(scanner, start, start + length):
+            if kind is None:
+                gone.append(page)
+            elif kind & PM.PAGE_IS_PFNZERO:
+                zeros.append(page)
+            elif not kind & PM.PAGE_IS_WRITTEN and page in stored and page not in dirty:
+                clean += 1
+            else:
+                need.append(page)
+            if page in ahead:
+                if kind is not None and kind & PM.PAGE_IS_WRITTEN and not kind & PM.PAGE_IS_PFNZERO:
+                    used += 1
+                else:
+                    unused += 1
+    return need, zeros, gone, clean, used, unused
+
+
+def _kinds(scanner, start: int, end: int):
+    if scanner is None:
+        for page in range(start, end, PAGE):
+            yield page, PM.PAGE_IS_PRESENT | PM.PAGE_IS_WRITTEN
+        return
+    at = start
+    for lo, hi, kind in scanner.categories(start, end):
+        for page in range(at, lo, PAGE):
+            yield page, None
+        if not kind & PM.PAGE_IS_PRESENT:
+            kind = None
+        for page in range(lo, hi, PAGE):
+            yield page, kind
+        at = hi
+    for page in range(at, end, PAGE):
+        yield page, None
+
+
+def read_pages(pid: int, mem_fd: int, pages: list) -> tuple:
+    """Read the (sorted) pages of a stopped guest: one process_vm_readv per
+    contiguous run, page by page through /proc/PID/mem where that falls
+    short. Returns (addrs, data: their bytes back to back, zeros: all-zero
+    pages (not in data), gone: not readable)."""
+    addrs, chunks, zeros, gone = [], [], [], []
+    for start, length in runs(pages):
+        buf = ctypes.create_string_buffer(length)
+        try:
+            got = pt.vm_read_into(pid, start, buf, length)
+        except OSError:
+            got = 0
+        raw = buf.raw
+        for off in range(0, length, PAGE):
+            if off + PAGE <= got:
+                data = raw[off:off + PAGE]
+            else:
+                try:
+                    data = os.pread(mem_fd, PAGE, start + off)
+                except OSError:
+                    data = b""
+                if len(data) != PAGE:
+                    gone.append(start + off)
+                    continue
+            if data == ZERO:
+                zeros.append(start + off)
+            else:
+                addrs.append(start + off)
+                chunks.append(data)
+    return addrs, b"".join(chunks), zeros, gone
+
+
+def install(uffd_fd: int, pages: list, datas: list, wp: bool) -> tuple:
+    """Map pages with these contents (None: zeros), one UFFDIO_COPY per
+    contiguous run. A page already there, or outside the registered
+    mappings, is skipped. Returns (the pages mapped, True if the kernel said
+    EAGAIN: the layout is changing, the rest was left)."""
+    uffd = U.Userfaultfd(uffd_fd)  # (not closed: the fd is the caller's)
+    done: list = []
+    i = 0
+    while i < len(pages):
+        j = i + 1
+        while j < len(pages) and pages[j] == pages[i] + (j - i) * PAGE:
+            j += 1
+        blob = b"".join(ZERO if d is None else bytes(d) for d in datas[i:j])
+        at, length = 0, (j - i) * PAGE
+        while at < length:
+            err, mapped = uffd.copy_part(pages[i] + at, blob[at:], wp)
+            if err == errno.ENOENT and length - at > PAGE:
+                err, mapped = uffd.copy_part(pages[i] + at, blob[at:at + PAGE], wp)
+            if err in (errno.EEXIST, errno.ENOENT):
+                at += PAGE
+                continue
+            if mapped <= 0:
+                return done, True
+            done += range(pages[i] + at, pages[i] + at + mapped, PAGE)
+            at += mapped
+        i = j
+    return done, False
+
+
+def runs(pages: list):
+    """Contiguous runs of sorted page addresses as (start, length)."""
+    start = prev = None
+    for p in pages:
+        if start is None:
+            start = prev = p
+        elif p == prev + PAGE:
+            prev = p
+        else:
+            yield start, prev + PAGE - start
+            start = prev = p
+    if start is not None:
+        yield start, prev + PAGE - start
+
+
+def _select():
+    if os.environ.get("LEGORUN_NO_FASTPATH"):
+        return None
+    try:
+        from .._ext import pagecore
+    except ImportError:
+        return None
+    return pagecore
+
+
+_py_absent, _py_classify, _py_read_pages, _py_install = absent, classify, read_pages, install
+_C = _select()
+if _C is not None:
+    absent, classify, read_pages, install = _C.absent, _C.classify, _C.read_pages, _C.install
+IMPLEMENTATION = "C" if _C is not None else "Python"

@@ -1,0 +1,125 @@
+"""The ExCache's per-page loops (legorun/memory/pagecore.py): the C build and
+the pure-Python reference give the same answers, on this process's own
+memory, its own pagemap and a userfaultfd of its own."""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+
+import pytest
+
+from legorun.memory import pagecore, uffd as U
+
+PAGE = 4096
+C = pytest.importorskip("legorun._ext.pagecore")
+IMPLS = {"C": C, "Python": pagecore}
+# the reference functions, whichever pagecore selected at import
+PY = {name: getattr(pagecore, "_py_" + name) for name in ("absent", "classify", "read_pages", "install")}
+
+
+def _addr(m: mmap.mmap) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(m))
+
+
+@pytest.fixture
+def region():
+    """16 pages: 0-3 never touched, 4-7 written, 8-11 written with zeros,
+    12-15 only read (the shared zero page)."""
+    m = mmap.mmap(-1, 16 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = _addr(m)
+    for i in range(4, 8):
+        m[i * PAGE:(i + 1) * PAGE] = bytes([i]) * PAGE
+    for i in range(8, 12):
+        m[i * PAGE] = 1
+        m[i * PAGE] = 0
+    for i in range(12, 16):
+        assert m[i * PAGE] == 0
+    yield m, base
+    m.close()
+
+
+def test_absent_keeps_pages_stored_neither_resident_nor_in_flight():
+    stored = {p * PAGE for p in range(0, 20)}
+    resident = dict.fromkeys([3 * PAGE, 4 * PAGE])
+    inflight = {5 * PAGE: 1, 30 * PAGE: 2}
+    want = [p * PAGE for p in range(2, 10) if p not in (3, 4, 5)]
+    assert C.absent(2 * PAGE, 10 * PAGE, stored, resident, inflight) == want
+    assert PY["absent"](2 * PAGE, 10 * PAGE, stored, resident, inflight) == want
+
+
+def test_classify_sorts_victims_by_what_their_eviction_needs(region):
+    _, base = region
+    pages = [base + i * PAGE for i in range(16)]
+    stored = {pages[5], pages[13]}
+    dirty = {pages[13]}
+    ahead = {pages[4], pages[14]}
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    try:
+        got = {name: f(fd, pages, stored, dirty, ahead)
+               for name, f in (("C", C.classify), ("Python", PY["classify"]))}
+    finally:
+        os.close(fd)
+    assert got["C"] == got["Python"]
+    need, zeros, gone, clean, used, unused = got["C"]
+    assert gone == pages[0:4]                    # never touched: not mapped
+    assert zeros == pages[12:16]                 # still the zero page
+    assert need == pages[4:12]                   # written (zeros or not): to read
+    assert (clean, used, unused) == (0, 1, 1)    # written pages are not clean
+    # without PAGEMAP_SCAN every page counts as present and written
+    assert C.classify(-1, pages, stored, dirty, ahead) == \
+        PY["classify"](-1, pages, stored, dirty, ahead) == ([*pages], [], [], 0, 2, 0)
+
+
+def _hole() -> int:
+    """An address where nothing is mapped (two pages mapped, the second unmapped)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    at = libc.mmap(None, 2 * PAGE, mmap.PROT_READ, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    assert libc.munmap(at + PAGE, PAGE) == 0
+    return at + PAGE
+
+
+def test_read_pages_skips_zero_pages_and_reports_unreadable_ones(region):
+    m, base = region
+    hole = _hole()
+    pages = [base + i * PAGE for i in range(4, 12)] + [hole]
+    fd = os.open("/proc/self/mem", os.O_RDONLY)
+    try:
+        got = {name: f(os.getpid(), fd, pages)
+               for name, f in (("C", C.read_pages), ("Python", PY["read_pages"]))}
+    finally:
+        os.close(fd)
+    assert got["C"] == got["Python"]
+    addrs, data, zeros, gone = got["C"]
+    assert addrs == pages[0:4] and data == b"".join(bytes([i]) * PAGE for i in range(4, 8))
+    assert zeros == pages[4:8]
+    assert gone == [hole]
+
+
+@pytest.mark.parametrize("impl", ["C", "Python"])
+def test_install_maps_runs_skips_pages_already_there_and_keeps_contents(impl):
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(323, os.O_CLOEXEC | os.O_NONBLOCK)  # userfaultfd(2)
+    if fd < 0:
+        pytest.skip(f"userfaultfd: {os.strerror(ctypes.get_errno())}")
+    uffd = U.Userfaultfd(fd)
+    m = mmap.mmap(-1, 8 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        uffd.api(0)
+        base = _addr(m)
+        uffd.register(base, 8 * PAGE, U.UFFDIO_REGISTER_MODE_MISSING)
+        assert uffd.copy(base + 2 * PAGE, b"\x07" * PAGE)  # there already: skipped
+        pages = [base + i * PAGE for i in (0, 1, 2, 3, 6)]
+        datas = [b"\x01" * PAGE, memoryview(b"\x02" * PAGE), b"\x03" * PAGE, None, b"\x06" * PAGE]
+        install = C.install if impl == "C" else PY["install"]
+        done, again = install(fd, pages, datas, False)
+        assert (done, again) == ([base, base + PAGE, base + 3 * PAGE, base + 6 * PAGE], False)
+        assert [m[i * PAGE] for i in (0, 1, 2, 3, 6)] == [1, 2, 7, 0, 6]
+        assert m[PAGE:2 * PAGE] == b"\x02" * PAGE
+    finally:
+        uffd.close()
+        m.close()

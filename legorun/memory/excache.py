@@ -17,7 +17,6 @@ one is single-stepped through a `syscall` instruction of its vDSO.
 from __future__ import annotations
 
 import os
-import secrets
 import struct
 import time
 from collections import OrderedDict
@@ -103,7 +102,7 @@ class ExCache:
         # The space id is chosen here (a capability: 128 random bits); the
         # space is created on the mComponent at the first page it must hold,
         # so a run whose memory fits the ExCache makes no RPC at all.
-        self.space = secrets.token_bytes(SPACE_ID_BYTES)
+        self.space = os.urandom(SPACE_ID_BYTES)  # (what secrets.token_bytes is; 5 ms less to import)
         self.created = False
         self.insn = insn
         self.resident: OrderedDict = OrderedDict()   # page -> None, oldest first

@@ -65,8 +65,8 @@ def unpack_addrs(buf, offset: int, n: int) -> tuple:
 
 class Pages:
     """Pages to store as one block: their addresses, and their bytes back to
-    back (an eviction reads them so; no per-page objects). Sequence-like
-    enough to stand for a list of (address, data) pairs."""
+    back (an eviction reads them so: no object per page). Stands for a list
+    of (address, data) pairs wherever the client takes stores."""
 
     __slots__ = ("addrs", "data")
 
@@ -78,11 +78,6 @@ class Pages:
 
     def __len__(self) -> int:
         return len(self.addrs)
-
-    def __iter__(self):
-        view = memoryview(self.data)
-        for i, a in enumerate(self.addrs):
-            yield a, view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
 
 
 def split_stores(stores) -> tuple:

@@ -697,7 +697,7 @@ class ExCache:
                 self.pagemap.fd if self.pagemap is not None else -1,
                 victims, self.stored, self.dirty, self.ahead)
         except OSError:  # no PAGEMAP_SCAN (Linux < 6.7): write every page back
-            self.pagemap = None
+            self._no_pagemap()
             need, zeros, gone, clean, used, unused = PC.classify(
                 -1, victims, self.stored, self.dirty, self.ahead)
         stats.prefetch_used += used
@@ -834,30 +834,18 @@ class ExCache:
             done += 1
         return done
 
-    def _kinds(self, start: int, end: int):
+    def _kinds(self, start: int, end: int) -> list:
         """(page, PAGEMAP_SCAN categories or None if not mapped) for each page
         of [start, end); every page counts as written if the kernel cannot say."""
-        if self.pagemap is None:
-            for page in range(start, end, PAGE):
-                yield page, PM.PAGE_IS_PRESENT | PM.PAGE_IS_WRITTEN
-            return
         try:
-            regions = self.pagemap.categories(start, end)
+            return list(PC.kinds(self.pagemap, start, end))
         except OSError:  # no PAGEMAP_SCAN (Linux < 6.7): write every page back
-            self.pagemap = None
-            yield from self._kinds(start, end)
-            return
-        at = start
-        for lo, hi, kind in regions:
-            for page in range(at, lo, PAGE):
-                yield page, None
-            if not kind & PM.PAGE_IS_PRESENT:
-                kind = None
-            for page in range(lo, hi, PAGE):
-                yield page, kind
-            at = hi
-        for page in range(at, end, PAGE):
-            yield page, None
+            self._no_pagemap()
+            return list(PC.kinds(None, start, end))
+
+    def _no_pagemap(self) -> None:
+        os.close(self.pagemap.fd)
+        self.pagemap = None
 
     def collect_writebacks(self) -> None:
         """Raise (ComponentError) if a write-back in flight was refused."""

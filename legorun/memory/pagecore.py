@@ -38,7 +38,7 @@ def classify(pm_fd: int, victims: list, stored, dirty, ahead) -> tuple:
     clean = used = unused = 0
     scanner = PM.Scanner(pm_fd) if pm_fd >= 0 else None
     for start, length in runs(victims):
-        for page, kind in _kinds(scanner, start, start + length):
+        for page, kind in kinds(scanner, start, start + length):
             if kind is None:
                 gone.append(page)
             elif kind & PM.PAGE_IS_PFNZERO:
@@ -55,7 +55,10 @@ def classify(pm_fd: int, victims: list, stored, dirty, ahead) -> tuple:
     return need, zeros, gone, clean, used, unused
 
 
-def _kinds(scanner, start: int, end: int):
+def kinds(scanner, start: int, end: int):
+    """(page, PAGEMAP_SCAN categories, or None if not mapped) for each page of
+    [start, end), from a pagemap.Scanner; with None, every page counts as
+    present and written. Raises OSError if PAGEMAP_SCAN fails."""
     if scanner is None:
         for page in range(start, end, PAGE):
             yield page, PM.PAGE_IS_PRESENT | PM.PAGE_IS_WRITTEN

@@ -298,6 +298,8 @@ fail:
 
 /* ---- install(uffd, pages, datas, wp) */
 
+/* The runs are gathered here; only the tracer thread calls install (the
+   ExCache is served from it alone), so one buffer serves every call. */
 static unsigned char *gather;
 static size_t gather_len;
 

@@ -62,6 +62,25 @@ static int all_zero(const unsigned char *p)
     return 1;
 }
 
+/* The end of the contiguous run of page addresses starting at list[i] (the
+   list sorted): its first address in *start, the index past it returned;
+   -1 with an exception set if an item is not an address. */
+static Py_ssize_t run_end(PyObject *list, Py_ssize_t i, uint64_t *start)
+{
+    Py_ssize_t n = PyList_GET_SIZE(list), j = i + 1;
+    *start = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(list, i));
+    if (PyErr_Occurred())
+        return -1;
+    for (; j < n; j++) {
+        uint64_t p = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(list, j));
+        if (PyErr_Occurred())
+            return -1;
+        if (p != *start + (uint64_t)(j - i) * PAGE)
+            break;
+    }
+    return j;
+}
+
 /* ---- absent(lo, hi, stored, resident, inflight) */
 
 static PyObject *absent(PyObject *self, PyObject *args)
@@ -145,20 +164,10 @@ static PyObject *classify(PyObject *self, PyObject *args)
     size_t kinds_len = 0;
     while (i < n) {
         /* one contiguous run of the (sorted) victims: one scan */
-        Py_ssize_t j = i + 1;
-        uint64_t start = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(victims, i));
-        if (PyErr_Occurred())
+        uint64_t start;
+        Py_ssize_t j = run_end(victims, i, &start);
+        if (j < 0)
             goto fail;
-        uint64_t prev = start;
-        while (j < n) {
-            uint64_t p = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(victims, j));
-            if (PyErr_Occurred())
-                goto fail;
-            if (p != prev + PAGE)
-                break;
-            prev = p;
-            j++;
-        }
         size_t len = (size_t)(j - i);
         if (len > kinds_len) {
             PyMem_Free(kinds);
@@ -172,7 +181,7 @@ static PyObject *classify(PyObject *self, PyObject *args)
         if (fd < 0) {  /* the kernel cannot say: every page counts as written */
             for (size_t k = 0; k < len; k++)
                 kinds[k] = PAGE_IS_PRESENT | PAGE_IS_WRITTEN;
-        } else if (scan(fd, start, prev + PAGE, kinds) < 0) {
+        } else if (scan(fd, start, start + len * PAGE, kinds) < 0) {
             PyErr_SetFromErrno(PyExc_OSError);
             goto fail;
         }
@@ -235,20 +244,10 @@ static PyObject *read_pages(PyObject *self, PyObject *args)
     size_t kept = 0;       /* pages kept, compacted at the front of buf */
     Py_ssize_t i = 0;
     while (i < n) {
-        uint64_t start = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(pages, i));
-        if (PyErr_Occurred())
+        uint64_t start;
+        Py_ssize_t j = run_end(pages, i, &start);
+        if (j < 0)
             goto fail;
-        Py_ssize_t j = i + 1;
-        uint64_t prev = start;
-        while (j < n) {
-            uint64_t p = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(pages, j));
-            if (PyErr_Occurred())
-                goto fail;
-            if (p != prev + PAGE)
-                break;
-            prev = p;
-            j++;
-        }
         size_t length = (size_t)(j - i) * PAGE;
         unsigned char *at = buf + kept * PAGE;   /* the run lands after what was kept */
         struct iovec local = {at, length}, remote = {(void *)(uintptr_t)start, length};
@@ -332,18 +331,10 @@ static PyObject *install(PyObject *self, PyObject *args)
     int again = 0;
     Py_ssize_t i = 0;
     while (i < n && !again) {
-        uint64_t start = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(pages, i));
-        if (PyErr_Occurred())
+        uint64_t start;
+        Py_ssize_t j = run_end(pages, i, &start);
+        if (j < 0)
             goto fail;
-        Py_ssize_t j = i + 1;
-        while (j < n) {
-            uint64_t p = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(pages, j));
-            if (PyErr_Occurred())
-                goto fail;
-            if (p != start + (uint64_t)(j - i) * PAGE)
-                break;
-            j++;
-        }
         size_t len = (size_t)(j - i) * PAGE;
         if (len > gather_len) {
             unsigned char *g = PyMem_Realloc(gather, len);

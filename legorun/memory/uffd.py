@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import struct
@@ -108,28 +109,30 @@ class Userfaultfd:
         return self._copy_from(dst, _ZEROS_AT, length, False)
 
     def _copy_from(self, dst: int, src: int, length: int, wp: bool) -> bool:
-        struct.pack_into("<QQQQq", self._copy, 0, dst, src, length,
-                         UFFDIO_COPY_MODE_WP if wp else 0, 0)
-        try:
-            fcntl.ioctl(self.fd, UFFDIO_COPY, self._copy)
-        except (FileExistsError, FileNotFoundError):
+        err, _ = self._copy_raw(dst, src, length, wp)
+        if err in (errno.EEXIST, errno.ENOENT):
             # EEXIST: there already; ENOENT: the range is not one registered
             # mapping (any more): it was split (mprotect) or is being unmapped
             return False
+        if err:
+            raise OSError(err, os.strerror(err))  # (EAGAIN: BlockingIOError)
         return True
 
     def copy_part(self, dst: int, data: bytes, wp: bool = False) -> tuple:
         """UFFDIO_COPY that tells a partial copy from none: (0 or the errno,
         bytes mapped). A run that meets a page already there maps the pages
         before it and fails EAGAIN with their count (mfill_atomic)."""
-        src = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
-        struct.pack_into("<QQQQq", self._copy, 0, dst, src, len(data),
+        return self._copy_raw(dst, ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value,
+                              len(data), wp)
+
+    def _copy_raw(self, dst: int, src: int, length: int, wp: bool) -> tuple:
+        struct.pack_into("<QQQQq", self._copy, 0, dst, src, length,
                          UFFDIO_COPY_MODE_WP if wp else 0, 0)
         try:
             fcntl.ioctl(self.fd, UFFDIO_COPY, self._copy)
         except OSError as e:
             return e.errno, max(struct.unpack_from("<q", self._copy, 32)[0], 0)
-        return 0, len(data)
+        return 0, length
 
     def zero(self, dst: int, length: int = PAGE) -> bool:
         """Map the zero page over [dst, dst+length); False if a page was there

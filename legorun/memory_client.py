@@ -303,17 +303,18 @@ class MemoryClient(ComponentClient):
             self._receive()
         return stash.pop(rid)
 
-    def _result(self, rid: int, what: str) -> list:
+    def _result(self, rid: int, what: str, views: bool = False) -> list:
         raw = self._wait(rid)
         addrs, nfetch, row = self._info.pop(rid)
-        return self._parse(raw, what, row, addrs, nfetch)
+        return self._parse(raw, what, row, addrs, nfetch, views)
 
     def _barrier(self, space: bytes) -> None:
         """Wait for the replies of this space's frames in flight (lock held)."""
         while any(p[0] == space for p in self._pending.values()):
             self._receive()
 
-    def _parse(self, raw: bytes, what: str, row: list, addrs, nfetch: int) -> list:
+    def _parse(self, raw: bytes, what: str, row: list, addrs, nfetch: int,
+               views: bool = False) -> list:
         _, err, ns, nf, _ = REP.unpack_from(raw)
         if err:
             row[1] += 1
@@ -322,9 +323,10 @@ class MemoryClient(ComponentClient):
         results: list = []
         if nf:
             off = base + ns + nf
+            data = memoryview(raw) if views else raw
             for st in raw[base + ns:base + ns + nf]:
                 if st == 0:
-                    results.append(raw[off:off + PAGE_SIZE])
+                    results.append(data[off:off + PAGE_SIZE])
                     off += PAGE_SIZE
                 else:
                     results.append(None)
@@ -342,11 +344,11 @@ class MemoryClient(ComponentClient):
                                         failed=[a for a, _ in failed], results=results)
         return results
 
-    def _round_trip(self, space: bytes, stores, fetch_addrs, op: str) -> list:
+    def _round_trip(self, space: bytes, stores, fetch_addrs, op: str, views: bool = False) -> list:
         with self._lock:
             stream = self._pages
             if stream is None or self._pending:
-                return self._result(self._send_frame(space, stores, fetch_addrs, op), op)
+                return self._result(self._send_frame(space, stores, fetch_addrs, op), op, views)
             # The fault path: nothing in flight, so the next reply is ours.
             # All bookkeeping happens before the send or after the reply:
             # Python work while the round trip runs delays gRPC's threads.
@@ -378,12 +380,13 @@ class MemoryClient(ComponentClient):
             row[4] += len(raw)
             if len(raw) < REP.size or REP.unpack_from(raw)[0] != rid:
                 raise self._fail_pages(None, f"protocol error: unexpected page reply for {rid}")
-            return self._parse(raw, op, row, addrs, len(fetch_addrs))
+            return self._parse(raw, op, row, addrs, len(fetch_addrs), views)
 
-    def fetch(self, space: bytes, addrs: Sequence[int]) -> list:
+    def fetch(self, space: bytes, addrs: Sequence[int], views: bool = False) -> list:
         """The pages at ``addrs`` (page-aligned, at most 4096): for each, its
-        4096 bytes, or None for an absent page (zero-fill it locally)."""
-        return self._round_trip(space, (), addrs, "fetch")
+        4096 bytes, or None for an absent page (zero-fill it locally). With
+        ``views``, memoryviews of the reply (see collect)."""
+        return self._round_trip(space, (), addrs, "fetch", views)
 
     def store(self, space: bytes, pages: Sequence[tuple[int, bytes]]) -> None:
         """Write back (address, 4096 bytes) pairs (at most 4096) in one
@@ -405,10 +408,14 @@ class MemoryClient(ComponentClient):
         with self._lock:
             return self._send_frame(space, stores, fetch_addrs, kind)
 
-    def collect(self, ticket: int) -> list:
-        """The result of a submit(): what store_and_fetch() would return or raise."""
+    def collect(self, ticket: int, views: bool = False) -> list:
+        """The result of a submit(): what store_and_fetch() would return or
+        raise. With ``views``, each page is a memoryview of the reply rather
+        than bytes of its own: no copy, and pages that follow each other in
+        the reply lie back to back (pagecore.install maps such a run from
+        the reply in place)."""
         with self._lock:
-            return self._result(ticket, "page frame")
+            return self._result(ticket, "page frame", views)
 
     def forget(self, ticket: int) -> None:
         """Drop the reply of a submit() when it comes, errors included (for a

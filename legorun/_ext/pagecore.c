@@ -314,6 +314,43 @@ static long long uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, 
     return -(long long)errno;
 }
 
+static int page_view(PyObject *d, Py_buffer *view)
+{
+    if (PyObject_GetBuffer(d, view, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (view->len != (Py_ssize_t)PAGE) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "install: a page's data is not 4096 bytes");
+        return -1;
+    }
+    return 0;
+}
+
+/* Where datas[i:j] lie back to back in one buffer (memoryview slices of a
+   fetch reply, page after page), the start of their bytes: UFFDIO_COPY then
+   reads them in place, with no gather. NULL otherwise (or on error, with
+   the exception set). The pointer stays valid while `datas` holds the
+   views: each keeps its reply alive. */
+static const unsigned char *contiguous(PyObject *datas, Py_ssize_t i, Py_ssize_t j)
+{
+    const unsigned char *first = NULL;
+    for (Py_ssize_t k = i; k < j; k++) {
+        PyObject *d = PyList_GET_ITEM(datas, k);
+        if (d == Py_None || !PyMemoryView_Check(d))
+            return NULL;  /* zeros, or a bytes object of its own */
+        Py_buffer view;
+        if (page_view(d, &view) < 0)
+            return NULL;
+        const unsigned char *at = view.buf;
+        PyBuffer_Release(&view);
+        if (k == i)
+            first = at;
+        else if (at != first + (size_t)(k - i) * PAGE)
+            return NULL;
+    }
+    return first;
+}
+
 static PyObject *install(PyObject *self, PyObject *args)
 {
     int fd, wp;
@@ -336,44 +373,45 @@ static PyObject *install(PyObject *self, PyObject *args)
         if (j < 0)
             goto fail;
         size_t len = (size_t)(j - i) * PAGE;
-        if (len > gather_len) {
-            unsigned char *g = PyMem_Realloc(gather, len);
-            if (!g) {
-                PyErr_NoMemory();
-                goto fail;
+        const unsigned char *src = contiguous(datas, i, j);
+        if (src == NULL && PyErr_Occurred())
+            goto fail;
+        if (src == NULL) {  /* the run's bytes gathered, zeros for None */
+            if (len > gather_len) {
+                unsigned char *g = PyMem_Realloc(gather, len);
+                if (!g) {
+                    PyErr_NoMemory();
+                    goto fail;
+                }
+                gather = g;
+                gather_len = len;
             }
-            gather = g;
-            gather_len = len;
-        }
-        for (Py_ssize_t k = i; k < j; k++) {  /* the run's bytes, zeros for None */
-            PyObject *d = PyList_GET_ITEM(datas, k);
-            unsigned char *to = gather + (size_t)(k - i) * PAGE;
-            if (d == Py_None) {
-                memset(to, 0, PAGE);
-                continue;
-            }
-            Py_buffer view;
-            if (PyObject_GetBuffer(d, &view, PyBUF_SIMPLE) < 0)
-                goto fail;
-            if (view.len != (Py_ssize_t)PAGE) {
+            for (Py_ssize_t k = i; k < j; k++) {
+                PyObject *d = PyList_GET_ITEM(datas, k);
+                unsigned char *to = gather + (size_t)(k - i) * PAGE;
+                if (d == Py_None) {
+                    memset(to, 0, PAGE);
+                    continue;
+                }
+                Py_buffer view;
+                if (page_view(d, &view) < 0)
+                    goto fail;
+                memcpy(to, view.buf, PAGE);
                 PyBuffer_Release(&view);
-                PyErr_SetString(PyExc_ValueError, "install: a page's data is not 4096 bytes");
-                goto fail;
             }
-            memcpy(to, view.buf, PAGE);
-            PyBuffer_Release(&view);
+            src = gather;
         }
         size_t at = 0;
         while (at < len) {
             long long r;
             Py_BEGIN_ALLOW_THREADS
-            r = uffd_copy(fd, start + at, gather + at, len - at, wp);
+            r = uffd_copy(fd, start + at, src + at, len - at, wp);
             Py_END_ALLOW_THREADS
             if (r == -ENOENT && len - at > PAGE) {
                 /* the run spans mappings (the kernel checks the whole range
                    first): this page alone */
                 Py_BEGIN_ALLOW_THREADS
-                r = uffd_copy(fd, start + at, gather + at, PAGE, wp);
+                r = uffd_copy(fd, start + at, src + at, PAGE, wp);
                 Py_END_ALLOW_THREADS
             }
             if (r == -EEXIST || r == -ENOENT) {

@@ -364,14 +364,17 @@ class ExCache:
                 del group[1:]  # no room was made (put off): the missed page alone
         try:
             if page in self.stored:
+                # (memoryviews of the replies: the rest is mapped from them in place)
                 if arrived is not None and page in arrived:
                     datas = [arrived[p] for p in group]
                 else:
-                    datas = self.remote().fetch(self.space, group)
+                    datas = self.remote().fetch(self.space, group, views=True)
                 stats.fetches += len(group)
                 stats.prefetched += len(group) - 1
                 # the faulting page first: its thread runs on while the rest land
-                self.uffd.copy(page, datas[0] or ZERO, wp=not write)  # EEXIST: it is there
+                first = datas[0]
+                self.uffd.copy(page, ZERO if first is None else bytes(first),
+                               wp=not write)  # EEXIST: it is there
                 self.resident[page] = None
                 rest = [(p, d) for p, d in zip(group[1:], datas[1:])
                         if p not in self.resident and p in self.stored]  # else changed meanwhile
@@ -501,7 +504,7 @@ class ExCache:
         still as they were when it was sent (not faulted in, dropped or moved
         since: those left `inflight`)."""
         pages, (window, down, edge) = self.tickets.pop(ticket)
-        datas = self.manager.client().collect(ticket)
+        datas = self.manager.client().collect(ticket, views=True)
         slack = min(window, PREFETCH) * PAGE
         hint = (window, down) if (edge - slack < page <= edge if down
                                   else edge <= page < edge + slack) else None

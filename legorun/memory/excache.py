@@ -37,6 +37,7 @@ ASYNC_READAHEAD = True      # (the switch, for measuring without it)
 AHEAD_WINDOWS = 2           # windows of a stream in flight at once (a pipeline two deep)
 READAHEAD_MAX = 256         # the most a stream's window grows to (1 MiB: one RPC costs ~0.7 ms, 16 pages ~0.26)
 STREAMS = 8                 # sequential streams followed at once per process
+WRITEBACKS_AHEAD = 4        # write-backs in flight at once (a refusal surfaces at most this many later)
 ZERO_AROUND = 256            # pages zero-filled with a missed one while the ExCache has room
 NR_MADVISE = 28
 NR_PROCESS_MADVISE = 440
@@ -368,7 +369,7 @@ class ExCache:
                 if arrived is not None and page in arrived:
                     datas = [arrived[p] for p in group]
                 else:
-                    datas = self.remote().fetch(self.space, group, views=True)
+                    datas = self._fetch(group, views=True)
                 stats.fetches += len(group)
                 stats.prefetched += len(group) - 1
                 # the faulting page first: its thread runs on while the rest land
@@ -408,6 +409,16 @@ class ExCache:
             self._send_ahead(later)
         self.manager.fault_done(self, page, len(group), stored, time.perf_counter() - began)
         return True
+
+    def _fetch(self, pages: list, views: bool = False) -> list:
+        """Fetch these pages now. The write-backs in flight were sent before
+        this fetch and their replies came before its reply: they are
+        collected (no wait) before any page is mapped, so that a refused one
+        fails here instead of its pages reading as zeros."""
+        datas = self.remote().fetch(self.space, pages, views=views)
+        if self.writebacks:
+            self.collect_writebacks()
+        return datas
 
     def _readahead(self, page: int, hint: tuple | None = None, fetching: bool = True) -> tuple:
         """The evicted pages to fetch with a missed one at `page`: those of a
@@ -505,6 +516,8 @@ class ExCache:
         since: those left `inflight`)."""
         pages, (window, down, edge) = self.tickets.pop(ticket)
         datas = self.manager.client().collect(ticket, views=True)
+        if self.writebacks and self.writebacks[0] < ticket:
+            self.collect_writebacks(before=ticket)
         slack = min(window, PREFETCH) * PAGE
         hint = (window, down) if (edge - slack < page <= edge if down
                                   else edge <= page < edge + slack) else None
@@ -670,7 +683,7 @@ class ExCache:
         datas = {}
         for i in range(0, len(fetch), 4096):  # one round trip for a whole buffer
             chunk = fetch[i:i + 4096]
-            datas.update(zip(chunk, self.remote().fetch(self.space, chunk)))
+            datas.update(zip(chunk, self._fetch(chunk)))
         for page in want:
             try:
                 if page in datas:
@@ -724,7 +737,10 @@ class ExCache:
                         if region[0] <= r[0] and r[1] <= region[1]:
                             r[2] = True
                     region[2] = True
-            self.collect_writebacks()
+            # (a store's reply takes longer than the guest takes to fill the
+            # next batch: waiting for each before sending the next left the
+            # write pass waiting ~0.8 ms a batch)
+            self.collect_writebacks(keep=WRITEBACKS_AHEAD - 1)
             self.manager.event(self.pid, "writeback", addrs[0], len(stores), "mComponent", 0.0)
             # off the fault path: the reply is collected at the next eviction;
             # the server applies frames in order, so a later fetch sees them
@@ -850,12 +866,26 @@ class ExCache:
         os.close(self.pagemap.fd)
         self.pagemap = None
 
-    def collect_writebacks(self) -> None:
-        """Raise (ComponentError) if a write-back in flight was refused."""
-        if not self.writebacks:
+    def collect_writebacks(self, keep: int = 0, before: int | None = None) -> None:
+        """Wait for the replies of the write-backs in flight but the newest
+        `keep` (or, with `before`, of those sent before that ticket); raise
+        (ComponentError) if one was refused.
+
+        Before fetched pages are mapped, the write-backs sent ahead of their
+        fetch are collected (their replies came first: no wait): a page
+        whose store was refused would otherwise be fetched as absent, and
+        read as zeros."""
+        wb = self.writebacks
+        if before is not None:
+            cut = 0
+            while cut < len(wb) and wb[cut] < before:
+                cut += 1
+        else:
+            cut = len(wb) - keep
+        if cut <= 0:
             return
         client = self.manager.client()
-        tickets, self.writebacks = self.writebacks, []
+        tickets, self.writebacks = wb[:cut], wb[cut:]
         for ticket in tickets:
             client.collect(ticket)
 
@@ -933,7 +963,7 @@ class ExCache:
         pages = sorted(p for p in self.stored if p not in self.resident)
         for i in range(0, len(pages), 512):
             chunk = pages[i:i + 512]
-            for page, data in zip(chunk, self.remote().fetch(self.space, chunk)):
+            for page, data in zip(chunk, self._fetch(chunk)):
                 self.uffd.copy(page, data or ZERO)
         for start, end, _ in self.regions:
             try:

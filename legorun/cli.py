@@ -154,8 +154,10 @@ def report(session, args) -> None:
     stats = session.stats.as_dict()
     stats["rpcs"] = session.rpc_stats()
     if session.memory is not None:
+        from .memory import pagecore
         stats["excache"] = dict(session.memory.stats.as_dict(),
                                 capacity_pages=session.memory.capacity)
+        stats["excache_loops"] = pagecore.IMPLEMENTATION  # "C", or "Python" (the reference)
         stats["faults"] = session.memory.stats.faults
         stats["timeline"] = session.memory.timeline
         stats["fault_latency_us"] = [round(x * 1e6, 1) for x in session.memory.latencies.samples]

@@ -211,9 +211,15 @@ class MemoryClient(ComponentClient):
     def map(self, space: bytes, start: int, length: int, prot: int = PROT_READ | PROT_WRITE,
             flags: int = MAP_PRIVATE | MAP_ANONYMOUS, if_absent: bool = False) -> int:
         """Record a region (mmap, brk growth); without ``if_absent`` it replaces
-        what was there and drops those pages. Returns the pages dropped."""
+        what was there and drops those pages. Returns the pages dropped.
+
+        With ``if_absent`` it only fills gaps in the record and drops
+        nothing, so no page frame in flight can be affected by its order:
+        it skips the wait for them (an eviction maps a region just before
+        its first store, with readaheads and stores still in flight)."""
         return self._control(space, "map", pb.Map(start=start, length=length, prot=prot,
-                                                  flags=flags, if_absent=if_absent)).pages
+                                                  flags=flags, if_absent=if_absent),
+                             barrier=not if_absent).pages
 
     def unmap(self, space: bytes, start: int, length: int) -> int:
         """munmap: cut the regions, drop their pages; returns the pages dropped."""

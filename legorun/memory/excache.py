@@ -742,8 +742,9 @@ class ExCache:
             # write pass waiting ~0.8 ms a batch)
             self.collect_writebacks(keep=WRITEBACKS_AHEAD - 1)
             self.manager.event(self.pid, "writeback", addrs[0], len(stores), "mComponent", 0.0)
-            # off the fault path: the reply is collected at the next eviction;
-            # the server applies frames in order, so a later fetch sees them
+            # off the fault path: the reply is collected WRITEBACKS_AHEAD
+            # evictions later, or at the next fetch (_fetch, _arrived); the
+            # server applies frames in order, so a later fetch sees them
             self.writebacks.append(client.submit(self.space, stores=stores, kind="store"))
             stats.writebacks += len(stores)
         # the books first: a victim that faults while it is being dropped is

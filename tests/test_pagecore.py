@@ -39,6 +39,27 @@ def region():
     m.close()
 
 
+@pytest.fixture
+def registered():
+    """12 pages of this process's own memory, registered (missing mode) with
+    a userfaultfd of its own: (uffd, the mmap, its address). A page not
+    mapped there must not be read: nothing would serve its fault."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(323, os.O_CLOEXEC | os.O_NONBLOCK)  # userfaultfd(2)
+    if fd < 0:
+        pytest.skip(f"userfaultfd: {os.strerror(ctypes.get_errno())}")
+    uffd = U.Userfaultfd(fd)
+    m = mmap.mmap(-1, 12 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        uffd.api(0)
+        base = _addr(m)
+        uffd.register(base, 12 * PAGE, U.UFFDIO_REGISTER_MODE_MISSING)
+        yield uffd, m, base
+    finally:
+        uffd.close()
+        m.close()
+
+
 def test_absent_keeps_pages_stored_neither_resident_nor_in_flight():
     stored = {p * PAGE for p in range(0, 20)}
     resident = dict.fromkeys([3 * PAGE, 4 * PAGE])
@@ -101,60 +122,38 @@ def test_read_pages_skips_zero_pages_and_reports_unreadable_ones(region):
 
 
 @pytest.mark.parametrize("impl", ["C", "Python"])
-def test_install_maps_runs_skips_pages_already_there_and_keeps_contents(impl):
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.syscall(323, os.O_CLOEXEC | os.O_NONBLOCK)  # userfaultfd(2)
-    if fd < 0:
-        pytest.skip(f"userfaultfd: {os.strerror(ctypes.get_errno())}")
-    uffd = U.Userfaultfd(fd)
-    m = mmap.mmap(-1, 8 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        uffd.api(0)
-        base = _addr(m)
-        uffd.register(base, 8 * PAGE, U.UFFDIO_REGISTER_MODE_MISSING)
-        assert uffd.copy(base + 2 * PAGE, b"\x07" * PAGE)  # there already: skipped
-        pages = [base + i * PAGE for i in (0, 1, 2, 3, 6)]
-        datas = [b"\x01" * PAGE, memoryview(b"\x02" * PAGE), b"\x03" * PAGE, None, b"\x06" * PAGE]
-        install = C.install if impl == "C" else PY["install"]
-        done, again = install(fd, pages, datas, False)
-        assert (done, again) == ([base, base + PAGE, base + 3 * PAGE, base + 6 * PAGE], False)
-        assert [m[i * PAGE] for i in (0, 1, 2, 3, 6)] == [1, 2, 7, 0, 6]
-        assert m[PAGE:2 * PAGE] == b"\x02" * PAGE
-    finally:
-        uffd.close()
-        m.close()
+def test_install_maps_runs_skips_pages_already_there_and_keeps_contents(impl, registered):
+    uffd, m, base = registered
+    fd = uffd.fd
+    assert uffd.copy(base + 2 * PAGE, b"\x07" * PAGE)  # there already: skipped
+    pages = [base + i * PAGE for i in (0, 1, 2, 3, 6)]
+    datas = [b"\x01" * PAGE, memoryview(b"\x02" * PAGE), b"\x03" * PAGE, None, b"\x06" * PAGE]
+    install = C.install if impl == "C" else PY["install"]
+    done, again = install(fd, pages, datas, False)
+    assert (done, again) == ([base, base + PAGE, base + 3 * PAGE, base + 6 * PAGE], False)
+    assert [m[i * PAGE] for i in (0, 1, 2, 3, 6)] == [1, 2, 7, 0, 6]
+    assert m[PAGE:2 * PAGE] == b"\x02" * PAGE
 
 
 @pytest.mark.parametrize("impl", ["C", "Python"])
-def test_install_maps_views_of_one_reply_in_place_and_views_apart_gathered(impl):
+def test_install_maps_views_of_one_reply_in_place_and_views_apart_gathered(impl, registered):
     """Pages as a fetch reply's memoryviews (MemoryClient views=True): a run
     whose views lie back to back (the C build maps it from the reply in
     place) and a run whose views do not (out of order, of another reply,
     None: gathered) both land with their own bytes."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.syscall(323, os.O_CLOEXEC | os.O_NONBLOCK)  # userfaultfd(2)
-    if fd < 0:
-        pytest.skip(f"userfaultfd: {os.strerror(ctypes.get_errno())}")
-    uffd = U.Userfaultfd(fd)
-    m = mmap.mmap(-1, 12 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        uffd.api(0)
-        base = _addr(m)
-        uffd.register(base, 12 * PAGE, U.UFFDIO_REGISTER_MODE_MISSING)
-        reply = memoryview(b"header" + b"".join(bytes([i]) * PAGE for i in range(1, 9)))
-        page = [reply[6 + i * PAGE:6 + (i + 1) * PAGE] for i in range(8)]  # bytes 1..8
-        other = memoryview(b"\x09" * PAGE)
-        # run 0-3: views back to back; run 5-8: views out of order, one of
-        # another reply, and zeros
-        pages = [base + i * PAGE for i in (0, 1, 2, 3, 5, 6, 7, 8)]
-        datas = page[:4] + [page[5], other, None, page[4]]
-        install = C.install if impl == "C" else PY["install"]
-        done, again = install(fd, pages, datas, False)
-        assert (done, again) == (pages, False)
-        # (page 4 is not read: nothing would serve its fault)
-        assert [m[i * PAGE] for i in (0, 1, 2, 3, 5, 6, 7, 8)] == [1, 2, 3, 4, 6, 9, 0, 5]
-        assert m[:4 * PAGE] == bytes(reply[6:6 + 4 * PAGE])
-        assert m[8 * PAGE:9 * PAGE] == b"\x05" * PAGE
-    finally:
-        uffd.close()
-        m.close()
+    uffd, m, base = registered
+    fd = uffd.fd
+    reply = memoryview(b"header" + b"".join(bytes([i]) * PAGE for i in range(1, 9)))
+    page = [reply[6 + i * PAGE:6 + (i + 1) * PAGE] for i in range(8)]  # bytes 1..8
+    other = memoryview(b"\x09" * PAGE)
+    # run 0-3: views back to back; run 5-8: views out of order, one of
+    # another reply, and zeros
+    pages = [base + i * PAGE for i in (0, 1, 2, 3, 5, 6, 7, 8)]
+    datas = page[:4] + [page[5], other, None, page[4]]
+    install = C.install if impl == "C" else PY["install"]
+    done, again = install(fd, pages, datas, False)
+    assert (done, again) == (pages, False)
+    # (page 4 is not read: nothing would serve its fault)
+    assert [m[i * PAGE] for i in (0, 1, 2, 3, 5, 6, 7, 8)] == [1, 2, 3, 4, 6, 9, 0, 5]
+    assert m[:4 * PAGE] == bytes(reply[6:6 + 4 * PAGE])
+    assert m[8 * PAGE:9 * PAGE] == b"\x05" * PAGE

@@ -416,8 +416,7 @@ class ExCache:
         collected (no wait) before any page is mapped, so that a refused one
         fails here instead of its pages reading as zeros."""
         datas = self.remote().fetch(self.space, pages, views=views)
-        if self.writebacks:
-            self.collect_writebacks()
+        self.collect_writebacks()
         return datas
 
     def _readahead(self, page: int, hint: tuple | None = None, fetching: bool = True) -> tuple:
@@ -516,8 +515,9 @@ class ExCache:
         since: those left `inflight`)."""
         pages, (window, down, edge) = self.tickets.pop(ticket)
         datas = self.manager.client().collect(ticket, views=True)
-        if self.writebacks and self.writebacks[0] < ticket:
-            self.collect_writebacks(before=ticket)
+        # the stores sent before it: as in _fetch, a refused one must fail
+        # here rather than its pages read as zeros (their replies came first)
+        self.collect_writebacks(before=ticket)
         slack = min(window, PREFETCH) * PAGE
         hint = (window, down) if (edge - slack < page <= edge if down
                                   else edge <= page < edge + slack) else None
@@ -870,12 +870,8 @@ class ExCache:
     def collect_writebacks(self, keep: int = 0, before: int | None = None) -> None:
         """Wait for the replies of the write-backs in flight but the newest
         `keep` (or, with `before`, of those sent before that ticket); raise
-        (ComponentError) if one was refused.
-
-        Before fetched pages are mapped, the write-backs sent ahead of their
-        fetch are collected (their replies came first: no wait): a page
-        whose store was refused would otherwise be fetched as absent, and
-        read as zeros."""
+        (ComponentError) if one was refused (_fetch and _arrived say why
+        the ones sent before a fetch are collected before it is mapped)."""
         wb = self.writebacks
         if before is not None:
             cut = 0

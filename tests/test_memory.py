@@ -779,6 +779,54 @@ def test_a_full_mcomponent_kills_the_guest_in_one_line(tmp_path):
         server.wait(10)
 
 
+READBACK_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+int main(int argc, char **argv) {
+    size_t pages = (size_t)atol(argv[1]);
+    unsigned char *p = mmap(NULL, pages * 4096, PROT_READ | PROT_WRITE,
+                            MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    for (size_t i = 0; i < pages; i++) memset(p + i * 4096, (int)(i % 251) + 1, 4096);
+    for (size_t i = 0; i < pages; i++)
+        if (p[i * 4096] != (unsigned char)(i % 251 + 1)) {
+            printf("page %zu reads %d\n", i, p[i * 4096]);
+            return 3;
+        }
+    printf("all %zu pages read back\n", pages);
+    return 0;
+}
+"""
+
+
+def test_a_refused_store_fails_the_fetch_after_it_instead_of_reading_back_as_zeros(tmp_path):
+    """Write-backs are not waited for (several in flight), so a refusal comes
+    late; the fetch after them must see it before it maps a page. Here the
+    guest fills an 8 MiB ExCache and one batch more (a couple of evictions,
+    their stores in flight and refused: the mComponent holds 16 pages), then
+    reads back from its oldest page. Were a refused store's pages fetched as
+    absent, they would read as zeros: the guest's own startup pages among
+    them (it crashed with SIGSEGV when this rule was taken out), or its
+    pages (it prints which one and exits 3)."""
+    address = f"unix:{tmp_path}/tiny.sock"
+    server = subprocess.Popen([PY, "-m", "legorun_components.mcomponent", "--listen", address,
+                               "--capacity", "64K"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert server.stdout.readline().decode().startswith("listening on")
+        exe = compile_c(tmp_path, "readback", READBACK_C)
+        pages = (8 << 20) // 4096 + 256
+        assert native([exe, str(pages)]).returncode == 0
+        r = subprocess.run([PY, "-m", "legorun", "--mem", address, "--excache", "8M", "--",
+                            exe, str(pages)], capture_output=True, text=True, timeout=120)
+        assert r.stdout == ""
+        _memory_lost(r, "out of capacity")
+        assert server.poll() is None
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def test_an_mcomponent_killed_while_the_guest_runs_kills_the_guest_in_one_line(tmp_path):
     address = f"unix:{tmp_path}/doomed.sock"
     server = subprocess.Popen([PY, "-m", "legorun_components.mcomponent", "--listen", address],

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import struct
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from ..stats import Latencies
 from ..kernel import ptrace as pt
@@ -37,6 +37,9 @@ ASYNC_READAHEAD = True      # (the switch, for measuring without it)
 AHEAD_WINDOWS = 2           # windows of a stream in flight at once (a pipeline two deep)
 READAHEAD_MAX = 256         # the most a stream's window grows to (1 MiB: one RPC costs ~0.7 ms, 16 pages ~0.26)
 STREAMS = 8                 # sequential streams followed at once per process
+LEAP_SLACK = 16             # pages a walk's repeated leap may differ by (_leap)
+LEAPS = 8                   # leaps remembered
+LEAP_FROM = 3               # a leap is from one of the streams of the last this many misses
 WRITEBACKS_AHEAD = 4        # write-backs in flight at once (a refusal surfaces at most this many later)
 ZERO_AROUND = 256            # pages zero-filled with a missed one while the ExCache has room
 NR_MADVISE = 28
@@ -120,7 +123,8 @@ class ExCache:
         self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDWR)
         self.pagemap = PM.Scanner(os.open(f"/proc/{pid}/pagemap", os.O_RDONLY))
         self.writebacks: list = []                   # store tickets not yet collected
-        self.streams: list = []                      # [start, end, window, continued] of recent fetches, newest last
+        self.streams: list = []                      # [start, end, window, continued, down, origin, leap] of recent fetches, newest last
+        self.leaps = deque(maxlen=LEAPS)             # how far recent misses that started a stream were from where streams began (_leap)
         self.initial = PREFETCH                      # the window of a new stream (_readahead)
         self.zero_next = None                        # the page after the last zero-filled run
         self.inflight: dict = {}                     # page -> ticket of a readahead fetch not yet collected
@@ -433,15 +437,17 @@ class ExCache:
         each time a stream is forgotten without having been continued, doubled
         back when one is continued. Random touches (sorting, hashing) so come
         down to one page per miss instead of fetching pages nobody reads.
-        `hint` (window, down): the miss reached a readahead window sent for a
-        stream of that window. Returns (pages to fetch now, unless not
-        `fetching`: they came with a readahead; what to ask for ahead, for
-        _send_ahead)."""
+        `hint` (window, down, leap, leapt): the miss reached a readahead
+        window sent for a stream of that window (leap: see _leap, None if
+        unknown; leapt: the window is one the stream was to leap to).
+        Returns (pages to fetch now, unless not `fetching`: they came with a
+        readahead; what to ask for ahead, for _send_ahead)."""
         streams = self.streams
         window, down, going, continued = self.initial, False, False, False
+        origin, leap, jump, reach = page, None, None, None
         cap = min(READAHEAD_MAX, max(PREFETCH, self.manager.capacity // 4))
         for i in range(len(streams) - 1, -1, -1):
-            lo, hi, w, _ = streams[i]
+            lo, hi, w, _, _, start, stride = streams[i]
             # just past the window (as many pages of slack as it is wide, at
             # most PREFETCH: resident ones were skipped), so that neither a
             # wide window nor a narrow one makes random misses look sequential
@@ -454,48 +460,90 @@ class ExCache:
                 continue
             window = min(2 * w, cap)
             going, continued = ASYNC_READAHEAD and window >= ASYNC_WINDOW, True
+            origin, leap = start, stride
             if not streams[i][3]:
                 self.initial = min(PREFETCH, 2 * self.initial)
             del streams[i]
             break
         else:
-            if hint is not None:  # its stream was forgotten meanwhile: it goes on
-                window, down = hint
-                going, continued = ASYNC_READAHEAD, True
+            if hint is None:
+                hint = self._leap(page)
+            if hint is not None:  # its stream was forgotten meanwhile, or
+                # this is where it leaps to: it goes on
+                window, down, leap, leapt = hint
+                going, continued = ASYNC_READAHEAD and window >= ASYNC_WINDOW, True
+                if leapt:  # and where it will leap next
+                    jump = page + leap
+                    # (a leap is a guess: what is fetched now for it is
+                    # fault-around, the rest comes ahead)
+                    reach = min(window, PREFETCH)
             if len(streams) >= STREAMS:  # the oldest goes (a running stream
                 # pushed out by random misses comes back through `hint`)
                 if not streams[0][3]:
                     self.initial = max(1, self.initial // 2)
                 del streams[0]
+        reach = window if reach is None or not fetching else reach
         if down:
-            lo, hi = page - (window - 1) * PAGE, page + PAGE
+            lo, hi = page - (reach - 1) * PAGE, page + PAGE
         else:
-            lo, hi = page, page + window * PAGE
-        streams.append([lo, hi, window, continued])
+            lo, hi = page, page + reach * PAGE
+        streams.append([lo, hi, window, continued, down, origin, leap])
         resident, stored, inflight = self.resident, self.stored, self.inflight
         now = (PC.absent(lo, page, stored, resident, inflight) if down
                else PC.absent(page + PAGE, hi, stored, resident, inflight)) if fetching else []
         if not going or len(inflight) + window > self.manager.capacity // 4:
             return now, ()
-        return now, (window, down, lo if down else hi)
+        return now, (window, down, lo if down else hi, leap, jump)
+
+    def _leap(self, page: int) -> tuple | None:
+        """(window, down, leap, True) of a recent stream, if this miss, which
+        continues none, is as far from where that stream began as a recent
+        such miss was from where a stream began: a walk that goes on
+        elsewhere by the same leap each time. CPython's arenas are mapped
+        top-down and filled bottom-up, so a pass over objects in the order
+        they were made leaves each 1 MiB arena at its top for the bottom of
+        the one below: without this every arena started a new stream, some
+        five fetches of 4 to 64 pages before it ran ahead. The leaps remembered are those from the
+        streams that run ahead (a slow stream beside them, such as a list's
+        array of pointers, would only add noise), and only those leap, from
+        the streams of the last few misses: random misses, in a small space,
+        would often land a leap away from some slow or stale stream. Such a
+        stream also asks for a window where it will leap next, ahead
+        (_send_ahead)."""
+        streams, leaps = self.streams, self.leaps
+        slack = LEAP_SLACK * PAGE
+        fast = [stream for stream in streams[-LEAP_FROM:] if stream[2] >= ASYNC_WINDOW]
+        for stream in reversed(fast):
+            leap = page - stream[5]
+            for seen in leaps:
+                if abs(leap - seen) <= slack:
+                    return stream[2], stream[4], leap, True
+        leaps.extend(page - stream[5] for stream in fast)
+        return None
 
     def _send_ahead(self, later: tuple) -> None:
         """Ask for a stream's next window without waiting (asynchronous
         readahead): the guest computes on the window just served while the
         reply travels; the miss that reaches the new window collects it.
         `later`: (the stream's window, downwards, where the stream leaves its
-        current window). One request per window, the nearest first, so that
-        the first reply is not held back by the second; a window asked for
-        at an earlier miss is mostly in flight still: only the rest goes."""
-        window, down, start = later
+        current window, its leap, where it leaps next or None). One request
+        per window, the nearest first, so that the first reply is not held
+        back by the second; a window asked for at an earlier miss is mostly
+        in flight still: only the rest goes. A stream that just leapt (_leap)
+        also asks for the window it will leap to next, last."""
+        window, down, start, leap, jump = later
         # the books as they are now (after this fault's install)
         resident, stored, inflight = self.resident, self.stored, self.inflight
         span = window * PAGE
+        ahead = []
         for k in range(AHEAD_WINDOWS):
             if down:
-                lo, hi = start - (k + 1) * span, start - k * span
+                ahead.append((start - (k + 1) * span, start - k * span))
             else:
-                lo, hi = start + k * span, start + (k + 1) * span
+                ahead.append((start + k * span, start + (k + 1) * span))
+        if jump is not None:
+            ahead.append((jump - span + PAGE, jump + PAGE) if down else (jump, jump + span))
+        for k, (lo, hi) in enumerate(ahead):
             chunk = PC.absent(lo, hi, stored, resident, inflight)
             if not chunk or len(inflight) + len(chunk) > self.manager.capacity // 4:
                 continue
@@ -503,7 +551,7 @@ class ExCache:
             # where the stream enters the window: a miss there (give or take
             # the slack) continues it; one elsewhere in the window is a random hit
             edge = chunk[-1] if down else chunk[0]
-            self.tickets[ticket] = (chunk, (window, down, edge))
+            self.tickets[ticket] = (chunk, (window, down, edge, leap, k == AHEAD_WINDOWS))
             for p in chunk:
                 inflight[p] = ticket
         while len(self.tickets) > 2 * STREAMS:  # a stream that stopped: drop its window
@@ -513,14 +561,14 @@ class ExCache:
         """Collect a readahead reply: page -> data (None: zeros) for the pages
         still as they were when it was sent (not faulted in, dropped or moved
         since: those left `inflight`)."""
-        pages, (window, down, edge) = self.tickets.pop(ticket)
+        pages, (window, down, edge, leap, leapt) = self.tickets.pop(ticket)
         datas = self.manager.client().collect(ticket, views=True)
         # the stores sent before it: as in _fetch, a refused one must fail
         # here rather than its pages read as zeros (their replies came first)
         self.collect_writebacks(before=ticket)
         slack = min(window, PREFETCH) * PAGE
-        hint = (window, down) if (edge - slack < page <= edge if down
-                                  else edge <= page < edge + slack) else None
+        hint = (window, down, leap, leapt) if (edge - slack < page <= edge if down
+                                               else edge <= page < edge + slack) else None
         inflight = self.inflight
         out = {}
         for p, d in zip(pages, datas):
@@ -530,7 +578,9 @@ class ExCache:
         return out, hint
 
     def _drop_ticket(self, ticket: int) -> None:
-        pages, _ = self.tickets.pop(ticket, ((), None))
+        pages, meta = self.tickets.pop(ticket, ((), None))
+        if meta is not None and meta[4]:  # where a leap was to land, unused:
+            self.leaps.clear()            # the guess was wrong, unlearn them
         for p in pages:
             if self.inflight.get(p) == ticket:
                 del self.inflight[p]

@@ -123,6 +123,7 @@ class ExCache:
         self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDWR)
         self.pagemap = PM.Scanner(os.open(f"/proc/{pid}/pagemap", os.O_RDONLY))
         self.writebacks: list = []                   # store tickets not yet collected
+        self.unmaps: list = []                       # [start, end) unmaps not sent yet (_put_off_unmap)
         self.streams: list = []                      # [start, end, window, continued, down, origin, leap] of recent fetches, newest last
         self.leaps = deque(maxlen=LEAPS)             # how far recent misses that started a stream were from where streams began (_leap)
         self.initial = PREFETCH                      # the window of a new stream (_readahead)
@@ -132,12 +133,18 @@ class ExCache:
         self.drop_batched = None                     # process_madvise works here: None until known
         self.scratch: set = set()                    # pages under _drop_all's iovec: kept resident
 
-    def remote(self):
-        """The mComponent client, with this process's space created on it."""
+    def remote(self, fetching: bool = False):
+        """The mComponent client, with this process's space created on it and
+        the unmaps put off so far sent, unless only `fetching`: a fetch asks
+        for pages of the books, which hold none of an unmapped range."""
         client = self.manager.client()
         if not self.created:
             client.create_space(self.space)
             self.created = True
+        if self.unmaps and not fetching:
+            unmaps, self.unmaps = self.unmaps, []
+            for start, end in unmaps:
+                client.unmap(self.space, start, end - start)
         return client
 
     # ---- regions
@@ -217,6 +224,22 @@ class ExCache:
                     return region
         return None
 
+    def _unrecorded_span(self, region: list) -> tuple:
+        """[lo, hi) of the regions around `region` that lie back to back with
+        it, none recorded on the mComponent yet: recorded by one Map. CPython
+        maps each 1 MiB arena on its own, just below the last, and an
+        eviction reaches one some capacity's worth of arenas later: the
+        arenas made since are recorded with it instead of one round trip
+        each."""
+        lo, hi = region[0], region[1]
+        by_end = {r[1]: r for r in self.regions if not r[2]}
+        by_start = {r[0]: r for r in self.regions if not r[2]}
+        while lo in by_end:
+            lo = by_end.pop(lo)[0]
+        while hi in by_start:
+            hi = by_start.pop(hi)[1]
+        return lo, hi
+
     def _forget(self, start: int, end: int) -> None:
         for page in _pages_in(self.inflight, start, end):
             del self.inflight[page]  # its readahead data is stale now
@@ -237,12 +260,29 @@ class ExCache:
                 kept.append(r)
                 continue
             if r[2]:
-                self.remote().unmap(self.space, max(r[0], start), min(r[1], end) - max(r[0], start))
+                self._put_off_unmap(max(r[0], start), min(r[1], end))
             if r[0] < start:
                 kept.append([r[0], start, r[2]])
             if end < r[1]:
                 kept.append([end, r[1], r[2]])
         self.regions = kept
+
+    def _put_off_unmap(self, start: int, end: int) -> None:
+        """An unmap for the mComponent, sent before the next request of this
+        space but a fetch (remote()), merged with the one before it if they
+        touch. The books here forgot the range already, so no fetch asks for
+        its pages; a new region there is recorded (Map) after the unmap, and
+        a store waits for it too (capacity it frees). A process
+        that exits frees its arenas one by one (CPython: 249 munmaps of 1 MiB
+        at the end of a records run), each a round trip behind a barrier;
+        they now end as one, or as nothing when the space is freed next."""
+        unmaps = self.unmaps
+        if unmaps and unmaps[-1][1] == start:
+            unmaps[-1][1] = end
+        elif unmaps and unmaps[-1][0] == end:
+            unmaps[-1][0] = start
+        else:
+            unmaps.append([start, end])
 
     def protected(self, start: int, length: int, prot: int) -> None:
         """mprotect succeeded: the mComponent's record of the regions it holds
@@ -419,7 +459,7 @@ class ExCache:
         this fetch and their replies came before its reply: they are
         collected (no wait) before any page is mapped, so that a refused one
         fails here instead of its pages reading as zeros."""
-        datas = self.remote().fetch(self.space, pages, views=views)
+        datas = self.remote(fetching=True).fetch(self.space, pages, views=views)
         self.collect_writebacks()
         return datas
 
@@ -547,7 +587,8 @@ class ExCache:
             chunk = PC.absent(lo, hi, stored, resident, inflight)
             if not chunk or len(inflight) + len(chunk) > self.manager.capacity // 4:
                 continue
-            ticket = self.remote().submit(self.space, fetch_addrs=chunk, kind="readahead")
+            ticket = self.remote(fetching=True).submit(self.space, fetch_addrs=chunk,
+                                                       kind="readahead")
             # where the stream enters the window: a miss there (give or take
             # the slack) continues it; one elsewhere in the window is a random hit
             edge = chunk[-1] if down else chunk[0]
@@ -782,9 +823,10 @@ class ExCache:
                     continue
                 region = self._region(page)
                 if region is not None and not region[2]:
-                    client.map(self.space, region[0], region[1] - region[0], if_absent=True)
-                    for r in self.regions:  # regions merged by the kernel: all recorded now
-                        if region[0] <= r[0] and r[1] <= region[1]:
+                    lo, hi = self._unrecorded_span(region)
+                    client.map(self.space, lo, hi - lo, if_absent=True)
+                    for r in self.regions:  # regions merged by the kernel, and
+                        if lo <= r[0] and r[1] <= hi:  # the span: all recorded now
                             r[2] = True
                     region[2] = True
             # (a store's reply takes longer than the guest takes to fill the

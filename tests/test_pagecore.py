@@ -69,6 +69,17 @@ def test_absent_keeps_pages_stored_neither_resident_nor_in_flight():
     assert PY["absent"](2 * PAGE, 10 * PAGE, stored, resident, inflight) == want
 
 
+def test_runs_splits_sorted_pages_into_contiguous_runs():
+    pages = [p * PAGE for p in (1, 2, 3, 7, 9, 10)] + [(1 << 47) - PAGE]
+    want = [(PAGE, 3 * PAGE), (7 * PAGE, PAGE), (9 * PAGE, 2 * PAGE), ((1 << 47) - PAGE, PAGE)]
+    assert C.runs(pages) == pagecore._py_run_list(pages) == want
+    assert C.runs([]) == pagecore._py_run_list([]) == []
+    with pytest.raises(TypeError):
+        C.runs([PAGE, "x"])
+    with pytest.raises(TypeError):
+        C.runs((PAGE,))
+
+
 def test_classify_sorts_victims_by_what_their_eviction_needs(region):
     _, base = region
     pages = [base + i * PAGE for i in range(16)]

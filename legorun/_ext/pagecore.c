@@ -81,6 +81,40 @@ static Py_ssize_t run_end(PyObject *list, Py_ssize_t i, uint64_t *start)
     return j;
 }
 
+/* ---- runs(pages): the contiguous runs of sorted addresses, as a list of
+   (start, length); an eviction's victims are split so, 256 of them or more
+   (a Python generator took ~0.12 ms a batch) */
+
+static PyObject *runs(PyObject *self, PyObject *arg)
+{
+    if (!PyList_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "runs() takes a list of page addresses");
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    if (!out)
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(arg), i = 0;
+    while (i < n) {
+        uint64_t start;
+        Py_ssize_t j = run_end(arg, i, &start);
+        if (j < 0)
+            goto fail;
+        PyObject *run = Py_BuildValue("(KK)", (unsigned long long)start,
+                                      (unsigned long long)(j - i) * PAGE);
+        if (!run || PyList_Append(out, run) < 0) {
+            Py_XDECREF(run);
+            goto fail;
+        }
+        Py_DECREF(run);
+        i = j;
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
 /* ---- absent(lo, hi, stored, resident, inflight) */
 
 static PyObject *absent(PyObject *self, PyObject *args)
@@ -437,6 +471,8 @@ fail:
 }
 
 static PyMethodDef methods[] = {
+    {"runs", runs, METH_O,
+     "runs(pages) -> [(start, length)] of the contiguous runs of the sorted page addresses"},
     {"absent", absent, METH_VARARGS,
      "absent(lo, hi, stored, resident, inflight) -> the pages of [lo, hi) in stored and in neither dict"},
     {"classify", classify, METH_VARARGS,

@@ -841,8 +841,9 @@ class ExCache:
             stats.writebacks += len(stores)
         # the books first: a victim that faults while it is being dropped is
         # served from what was just stored
+        forget = self.resident.pop
         for page in victims:
-            self.resident.pop(page, None)
+            forget(page, None)
         self.ahead.difference_update(victims)
         self.dirty.difference_update(victims)
         if self.manager.policy == "2q":
@@ -858,7 +859,7 @@ class ExCache:
         stats.clean_drops += clean
         stats.evictions += len(victims)
         self.manager.event(self.pid, "evict", min(victims), len(victims), "legorun", 0.0)
-        runs = list(_runs(victims))
+        runs = PC.run_list(victims)
         done = self._drop_all(tracer, tid, runs, set(victims)) if len(runs) > 1 else 0
         refused, done = done < 0, max(done, 0)
         for start, length in runs[done:]:

@@ -162,8 +162,15 @@ def _select():
     return pagecore
 
 
+def run_list(pages: list) -> list:
+    """runs() as a list (C where built: an eviction splits 256 victims or more)."""
+    return list(runs(pages))
+
+
 _py_absent, _py_classify, _py_read_pages, _py_install = absent, classify, read_pages, install
+_py_run_list = run_list
 _C = _select()
 if _C is not None:
     absent, classify, read_pages, install = _C.absent, _C.classify, _C.read_pages, _C.install
+    run_list = _C.runs
 IMPLEMENTATION = "C" if _C is not None else "Python"

@@ -20,6 +20,7 @@ import os
 import struct
 import time
 from collections import OrderedDict, deque
+from itertools import islice
 
 from ..stats import Latencies
 from ..kernel import ptrace as pt
@@ -649,11 +650,14 @@ class ExCache:
         """Evict a batch and room for `incoming` pages; True if the thread was
         stopped for it (resume it)."""
         try:
-            with open(f"/proc/{tid}/syscall") as f:
-                state = f.read().split()[0]
-        except OSError:
+            fd = os.open(f"/proc/{tid}/syscall", os.O_RDONLY)
+            try:
+                state = os.read(fd, 64).split(None, 1)[0]
+            finally:
+                os.close(fd)
+        except (OSError, IndexError):
             return False
-        if state != "-1":  # inside a syscall (a kernel fault) or running: later
+        if state != b"-1":  # inside a syscall (a kernel fault) or running: later
             self.manager.stats.deferred += 1
             return False
         # Every other thread of the mm is stopped first: none may write a
@@ -684,13 +688,16 @@ class ExCache:
         chosen: set = set()
         clock = self.manager.policy == "clock" and self.pagemap is not None
         passed = 0
+        pinned, scratch = self.pinned, self.scratch
         while len(victims) < count and passed < 2 * len(self.resident):
-            batch = []
-            for page in self.resident:
-                if page not in self.pinned and page not in chosen and page not in self.scratch:
-                    batch.append(page)
-                    if len(batch) == count - len(victims):
-                        break
+            # the oldest pages but those kept: among the first `want` plus as
+            # many as are kept (islice, not a loop over every page in Python)
+            want = count - len(victims)
+            kept = len(pinned) + len(chosen) + len(scratch)
+            batch = list(islice(self.resident, want + kept))
+            if kept:
+                batch = [p for p in batch if p not in pinned and p not in chosen
+                         and p not in scratch][:want]
             if not batch:
                 break
             if not clock:

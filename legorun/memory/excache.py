@@ -544,13 +544,13 @@ class ExCache:
         top-down and filled bottom-up, so a pass over objects in the order
         they were made leaves each 1 MiB arena at its top for the bottom of
         the one below: without this every arena started a new stream, some
-        five fetches of 4 to 64 pages before it ran ahead. The leaps remembered are those from the
-        streams that run ahead (a slow stream beside them, such as a list's
-        array of pointers, would only add noise), and only those leap, from
-        the streams of the last few misses: random misses, in a small space,
-        would often land a leap away from some slow or stale stream. Such a
-        stream also asks for a window where it will leap next, ahead
-        (_send_ahead)."""
+        five fetches of 4 to 64 pages before it ran ahead. The leaps
+        remembered are those from the streams that run ahead (a slow stream
+        beside them, such as a list's array of pointers, would only add
+        noise), and only those leap, from the streams of the last few misses:
+        random misses, in a small space, would often land a leap away from
+        some slow or stale stream. Such a stream also asks for a window where
+        it will leap next, ahead (_send_ahead)."""
         streams, leaps = self.streams, self.leaps
         slack = LEAP_SLACK * PAGE
         fast = [stream for stream in streams[-LEAP_FROM:] if stream[2] >= ASYNC_WINDOW]

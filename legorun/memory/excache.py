@@ -765,9 +765,8 @@ class ExCache:
         say) are left alone: they are not the ExCache's."""
         lo, hi = addr & ~(PAGE - 1), addr + max(length, 1)
         want = []
-        for r in self.regions:
-            if r[1] <= lo or hi <= r[0]:
-                continue
+        # (a comprehension: a guest has hundreds of regions, CPython's arenas)
+        for r in [r for r in self.regions if r[0] < hi and lo < r[1]]:
             for page in range(max(lo, r[0]), min(hi, r[1]), PAGE):
                 if pin:
                     self.pinned.add(page)
@@ -909,7 +908,8 @@ class ExCache:
             lo -= PAGE
         else:
             return 0
-        registered = [p for p in pages if any(r[0] <= p < r[1] for r in self.regions)]
+        near = [r for r in self.regions if r[0] < pages[-1] + PAGE and pages[0] < r[1]]
+        registered = [p for p in pages if any(r[0] <= p < r[1] for r in near)]
         self.scratch = set(registered)  # not evicted while they are the scratch (_choose)
         if registered:
             self.ensure(registered[0], registered[-1] + PAGE - registered[0])

@@ -485,7 +485,7 @@ class ExCache:
         readahead; what to ask for ahead, for _send_ahead)."""
         streams = self.streams
         window, down, going, continued = self.initial, False, False, False
-        origin, leap, jump, reach = page, None, None, None
+        origin, leap, jump = page, None, None
         cap = min(READAHEAD_MAX, max(PREFETCH, self.manager.capacity // 4))
         for i in range(len(streams) - 1, -1, -1):
             lo, hi, w, _, _, start, stride = streams[i]
@@ -515,15 +515,14 @@ class ExCache:
                 going, continued = ASYNC_READAHEAD and window >= ASYNC_WINDOW, True
                 if leapt:  # and where it will leap next
                     jump = page + leap
-                    # (a leap is a guess: what is fetched now for it is
-                    # fault-around, the rest comes ahead)
-                    reach = min(window, PREFETCH)
             if len(streams) >= STREAMS:  # the oldest goes (a running stream
                 # pushed out by random misses comes back through `hint`)
                 if not streams[0][3]:
                     self.initial = max(1, self.initial // 2)
                 del streams[0]
-        reach = window if reach is None or not fetching else reach
+        # (a leap is a guess: what is fetched now for it is fault-around,
+        # the rest of its window comes ahead)
+        reach = min(window, PREFETCH) if jump is not None and fetching else window
         if down:
             lo, hi = page - (reach - 1) * PAGE, page + PAGE
         else:
@@ -576,15 +575,16 @@ class ExCache:
         # the books as they are now (after this fault's install)
         resident, stored, inflight = self.resident, self.stored, self.inflight
         span = window * PAGE
-        ahead = []
+        ahead = []  # (lo, hi, where a leap lands)
         for k in range(AHEAD_WINDOWS):
             if down:
-                ahead.append((start - (k + 1) * span, start - k * span))
+                ahead.append((start - (k + 1) * span, start - k * span, False))
             else:
-                ahead.append((start + k * span, start + (k + 1) * span))
+                ahead.append((start + k * span, start + (k + 1) * span, False))
         if jump is not None:
-            ahead.append((jump - span + PAGE, jump + PAGE) if down else (jump, jump + span))
-        for k, (lo, hi) in enumerate(ahead):
+            ahead.append((jump - span + PAGE, jump + PAGE, True) if down
+                         else (jump, jump + span, True))
+        for lo, hi, leapt in ahead:
             chunk = PC.absent(lo, hi, stored, resident, inflight)
             if not chunk or len(inflight) + len(chunk) > self.manager.capacity // 4:
                 continue
@@ -593,7 +593,7 @@ class ExCache:
             # where the stream enters the window: a miss there (give or take
             # the slack) continues it; one elsewhere in the window is a random hit
             edge = chunk[-1] if down else chunk[0]
-            self.tickets[ticket] = (chunk, (window, down, edge, leap, k == AHEAD_WINDOWS))
+            self.tickets[ticket] = (chunk, (window, down, edge, leap, leapt))
             for p in chunk:
                 inflight[p] = ticket
         while len(self.tickets) > 2 * STREAMS:  # a stream that stopped: drop its window
@@ -705,7 +705,7 @@ class ExCache:
                 break
             passed += len(batch)
             spared = []
-            for start, length in _runs(sorted(batch)):
+            for start, length in PC.run_list(sorted(batch)):
                 for page, kind in self._kinds(start, start + length):
                     if kind is not None and kind & PM.PAGE_IS_WRITTEN \
                             and not kind & PM.PAGE_IS_PFNZERO:
@@ -713,7 +713,7 @@ class ExCache:
                     else:
                         victims.append(page)
                         chosen.add(page)
-            for start, length in _runs(sorted(spared)):
+            for start, length in PC.run_list(sorted(spared)):
                 try:
                     self.uffd.writeprotect(start, length)
                 except OSError:  # the layout is changing: evict them after all
@@ -1113,7 +1113,6 @@ def _gaps(start: int, end: int, ranges: list):
         yield at, end
 
 
-_runs = PC.runs
 
 
 class MemoryManager:

@@ -449,14 +449,17 @@ class Tracer:
                 pass
             self._woken = True
 
-    def _serve_meanwhile(self, cache, removing, retry: list) -> None:
+    def _serve_meanwhile(self, cache, removing, retry: list) -> int:
         """Serve the faults waiting on `cache`'s userfaultfd without evicting,
         except those of frozen threads (they stay blocked until the eviction
-        is over); other events are queued for the main loop."""
+        is over); other events are queued for the main loop. Returns the
+        bytes of the REMOVE events of `removing` read (legorun's own drop)."""
         from .memory import uffd as U
+        own = 0
         for m in list(cache.uffd.messages()):
             if m[0] == U.UFFD_EVENT_REMOVE and removing and removing[0] <= m[1] \
                     and m[2] <= removing[1]:
+                own += m[2] - m[1]
                 continue  # our own drop
             if m[0] != U.UFFD_EVENT_PAGEFAULT:
                 # Applied now, not queued: once read, the event no longer
@@ -474,6 +477,7 @@ class Tracer:
             elif cache.fault(self, m[2], m[3] & 0xFFFFFFFF, evict=False,
                              write=bool(m[1] & U.UFFD_PAGEFAULT_FLAG_WRITE)):
                 retry.remove(m)
+        return own
 
     def _run_with_parked(self) -> None:
         """Some threads wait for a lock: wake up for tracee events or to retry them."""
@@ -560,6 +564,12 @@ class Tracer:
                 # the kernel writes 0 there on its way out, where a fault can
                 # no longer be served (PF_EXITING): pthread_join waits for it
                 t.process.excache.ensure(t.clear_tid, 4, pin=True)
+            if t.process is not None and len(t.process.threads) == 1 \
+                    and t.process.excache is not None:
+                # the last thread leaves (by exit(2) perhaps, not exit_group):
+                # the dropper must not keep the process alive, and ends with
+                # the same status (PTRACE_GETEVENTMSG: the exit's wait status)
+                t.process.excache.stop_dropper(pt.geteventmsg(t.tid) >> 8 & 0xFF)
             pt.cont(t.tid)
         elif event:
             pt.cont(t.tid)

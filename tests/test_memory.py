@@ -1007,3 +1007,83 @@ def test_status_shows_a_guests_space_while_it_runs_and_not_after(mcomponent, tmp
     while time.time() < deadline and spaces():
         time.sleep(0.2)
     assert spaces() == 0
+
+
+SIGNALS_EXIT_C = r"""
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+#include <unistd.h>
+static volatile long ticks, strays;
+static pid_t main_tid;
+static void on_alarm(int sig) { ticks++; if (syscall(SYS_gettid) != main_tid) strays++; }
+static int threads(void) {
+    char line[256]; int n = -1;
+    FILE *f = fopen("/proc/self/status", "r");
+    while (fgets(line, sizeof line, f)) if (!strncmp(line, "Threads:", 8)) n = atoi(line + 8);
+    fclose(f);
+    return n;
+}
+int main(int argc, char **argv) {
+    size_t n = (size_t)atoi(argv[1]) << 20;
+    main_tid = syscall(SYS_gettid);
+    signal(SIGALRM, on_alarm);
+    struct itimerval every = {{0, 500}, {0, 500}};   /* a signal every 0.5 ms of CPU... */
+    setitimer(ITIMER_REAL, &every, NULL);             /* ...of wall time: mid-eviction too */
+    unsigned char *p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    size_t bad = 0;
+    for (int pass = 0; pass < 3; pass++) {
+        for (size_t i = 0; i < n; i += 64) p[i] = (unsigned char)((i >> 6) * 7 + pass);
+        for (size_t i = 0; i < n; i += 64) bad += p[i] != (unsigned char)((i >> 6) * 7 + pass);
+    }
+    struct itimerval off = {{0, 0}, {0, 0}};
+    setitimer(ITIMER_REAL, &off, NULL);
+    printf("bad %zu, signals %s, strays %ld\n", bad, ticks > 0 ? "seen" : "none", strays);
+    fprintf(stderr, "threads %d\n", threads());
+    fflush(stdout);
+    syscall(SYS_exit, bad ? 1 : 3);   /* this thread only, not exit_group: the process ends with it */
+    return 0;
+}
+"""
+
+
+def test_signals_reach_the_guests_thread_and_its_own_exit_ends_it_with_the_dropper_running(
+        mcomponent, tmp_path):
+    # The drops of an eviction are done by legorun's dropper thread in the
+    # guest (legorun/memory/dropper.py): it never takes the guest's signals,
+    # the faulting thread is not stopped for a drop, and a guest whose last
+    # thread ends by exit(2) rather than exit_group still ends.
+    exe = compile_c(tmp_path, "sigexit", SIGNALS_EXIT_C)
+    want = native([exe, "8"])
+    assert want.returncode == 3 and want.stderr == "threads 1\n"
+    r = legorun([exe, "8"], stats_file=tmp_path / "s.json", timeout=120,
+                options=("--mem", mcomponent, "--excache", "1M"))
+    assert r.returncode == 3, r.stderr
+    assert r.stdout == want.stdout == "bad 0, signals seen, strays 0\n"
+    assert "threads 2\n" in r.stderr  # the guest's own thread and the dropper
+    assert r.stats["excache"]["evictions"] > 8192, r.stats
+    # without the signals: far fewer ptrace stops than evictions (batches of 32
+    # pages in a 1 MiB ExCache), where each used to stop the thread once or more
+    r = legorun([compile_c(tmp_path, "pattern", PATTERN_C), "8", "2"],
+                stats_file=tmp_path / "p.json", timeout=120,
+                options=("--mem", mcomponent, "--excache", "1M"))
+    assert r.returncode == 0 and r.stdout == "bad 0\n", r.stderr
+    batches = r.stats["excache"]["evictions"] // 32
+    assert batches > 200 and r.stats["ptrace_stops"] < batches // 2, r.stats
+    assert _held(mcomponent) == (0, 0)
+
+
+def test_the_dropper_code_is_the_assembly_of_its_source(tmp_path):
+    import shutil
+    from legorun.memory import dropper
+    if shutil.which("as") is None or shutil.which("objcopy") is None:
+        pytest.skip("binutils (as, objcopy) are needed")
+    src = pathlib.Path(dropper.__file__).with_name("dropper.S")
+    subprocess.run(["as", "--64", "-o", str(tmp_path / "d.o"), str(src)], check=True)
+    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(tmp_path / "d.o"),
+                    str(tmp_path / "d.bin")], check=True)
+    assert (tmp_path / "d.bin").read_bytes() == dropper.CODE

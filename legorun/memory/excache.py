@@ -26,6 +26,7 @@ from ..stats import Latencies
 from ..kernel import ptrace as pt
 from .. import memwire
 from . import pagecore as PC
+from .dropper import Dropper
 from . import pagemap as PM
 from . import uffd as U
 
@@ -132,6 +133,7 @@ class ExCache:
         self.inflight: dict = {}                     # page -> ticket of a readahead fetch not yet collected
         self.tickets: OrderedDict = OrderedDict()    # readahead ticket -> its pages, oldest first
         self.drop_batched = None                     # process_madvise works here: None until known
+        self.dropper = None                          # the Dropper thread; None: not tried yet, False: none
         self.scratch: set = set()                    # pages under _drop_all's iovec: kept resident
 
     def remote(self, fetching: bool = False):
@@ -662,18 +664,26 @@ class ExCache:
             return False
         # Every other thread of the mm is stopped first: none may write a
         # victim between its read and its drop (nor the kernel on its behalf).
+        # The faulting thread itself is blocked in its fault; it is stopped
+        # only to start the dropper, or where there is none, to run the drop.
         held = tracer.hold_threads(tid, self)
+        stopped = False
         try:
-            pt.interrupt(tid)
-            if not tracer.wait_interrupt(tid, self):
-                return False
+            if not self.dropper:
+                pt.interrupt(tid)
+                if not tracer.wait_interrupt(tid, self):
+                    return False
+                stopped = True
+                if self.dropper is None:
+                    self.dropper = (self.drop_batched is not False
+                                    and Dropper.start(tracer, self, tid)) or False
             # a batch, and what the incoming pages (and faults served
             # meanwhile) would put over the capacity
             count = self.manager.batch + max(0, len(self.resident) + incoming - self.manager.capacity)
             victims = self._choose(count)
             if victims:
                 self.evict(tracer, tid, victims)
-            return True
+            return stopped
         finally:
             tracer.release_threads(held)
 
@@ -796,7 +806,9 @@ class ExCache:
         self.pinned.discard(addr & ~(PAGE - 1))
 
     def evict(self, tracer, tid: int, victims: list) -> None:
-        """Write back and drop these resident pages; `tid` is stopped.
+        """Write back and drop these resident pages; `tid` is blocked in a
+        fault, and stopped unless the process has a dropper (the drop is
+        then the dropper's; else it is injected into `tid`).
 
         A page still write-protected since it was fetched is as the
         mComponent holds it: dropped without a write-back. A page still the
@@ -866,6 +878,9 @@ class ExCache:
         stats.evictions += len(victims)
         self.manager.event(self.pid, "evict", min(victims), len(victims), "legorun", 0.0)
         runs = PC.run_list(victims)
+        if self.dropper:
+            self._drop_by_thread(tracer, runs)
+            return
         done = self._drop_all(tracer, tid, runs, set(victims)) if len(runs) > 1 else 0
         refused, done = done < 0, max(done, 0)
         for start, length in runs[done:]:
@@ -879,6 +894,27 @@ class ExCache:
                 # madvise takes the run process_madvise refused: an older kernel
                 self.drop_batched = False
             refused = False
+
+    def _drop_by_thread(self, tracer, runs: list) -> None:
+        """Drop the runs through the dropper, IOV_MAX at a time; a run the
+        kernel refuses (mlock()ed: see evict) is passed over."""
+        stats = self.manager.stats
+        i = 0
+        try:
+            while i < len(runs):
+                chunk = runs[i:i + IOV_MAX]
+                result = self.dropper.drop(tracer, self, chunk)
+                for _, length in chunk:  # the runs the bytes dropped cover
+                    if result < length:
+                        break
+                    result -= length
+                    i += 1
+                else:
+                    continue
+                stats.locked += runs[i][1] // PAGE
+                i += 1
+        except ProcessLookupError:
+            pass  # the process is gone (killed meanwhile): its exit follows
 
     def _drop_all(self, tracer, tid: int, runs: list, victims_set: set) -> int:
         """Drop many runs with one injected process_madvise(PIDFD_SELF_THREAD,
@@ -1070,7 +1106,15 @@ class ExCache:
         self.manager.stats.made_local += 1
         self.close()
 
+    def stop_dropper(self, status: int = 0) -> None:
+        """End the dropper thread, if any (Dropper.stop); evictions go back
+        to injecting the drop into the faulting thread."""
+        if self.dropper:
+            self.dropper.stop(status)
+        self.dropper = False
+
     def close(self) -> None:
+        self.stop_dropper()
         try:
             self._drop_readahead()
             self.collect_writebacks()

@@ -65,8 +65,14 @@ FUTEX_WAIT, FUTEX_WAKE = 0, 1      # shared futexes: legorun and the thread are 
 NR_TGKILL = 234
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_futex = _libc.syscall
+_futex = _libc.syscall           # (releases the GIL: for waits that may be long)
 _futex.restype = ctypes.c_long
+# The same call holding the GIL, for a wake and a wait of a few tens of
+# microseconds: the gRPC threads are busy with the batch's store, and taking
+# the GIL back from them after a call that let it go costs ~150 us (measured).
+_futex_held = ctypes.PyDLL(None).syscall
+_futex_held.restype = ctypes.c_long
+SHORT_WAIT = 200_000             # ns: the drop is over by then, once its events are read
 
 
 class timespec(ctypes.Structure):
@@ -161,20 +167,23 @@ class Dropper:
         self.seq = (self.seq + 1) & 0xFFFFFFFF
         struct.pack_into("<q", view, BLOCK + 8, len(runs))
         struct.pack_into("<I", view, BLOCK, self.seq)  # last: the thread reads it first
-        _futex(NR_FUTEX, ctypes.c_void_p(self.block), FUTEX_WAKE, 1)
+        _futex_held(NR_FUTEX, ctypes.c_void_p(self.block), FUTEX_WAKE, 1)
         expected = sum(length for _, length in runs)
         removing = (runs[0][0], runs[-1][0] + runs[-1][1]) if runs else None
         covered = 0
         retry: list = []
         began = time.monotonic()
         done_at = self.block + 4
-        pause = timespec(0, 20_000_000)
+        short, pause = timespec(0, SHORT_WAIT), timespec(0, 20_000_000)
+        waited = False
         try:
             while struct.unpack_from("<I", view, BLOCK + 4)[0] != self.seq:
                 if covered >= expected:
                     # every REMOVE event read: the call returns at once
-                    _futex(NR_FUTEX, ctypes.c_void_p(done_at), FUTEX_WAIT,
-                           (self.seq - 1) & 0xFFFFFFFF, ctypes.byref(pause))
+                    (_futex if waited else _futex_held)(
+                        NR_FUTEX, ctypes.c_void_p(done_at), FUTEX_WAIT,
+                        (self.seq - 1) & 0xFFFFFFFF, ctypes.byref(pause if waited else short))
+                    waited = True
                 else:  # the call waits for its REMOVE events to be read
                     tracer._wait_for(cache, 0.002)
                     covered += tracer._serve_meanwhile(cache, removing, retry)

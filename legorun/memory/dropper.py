@@ -149,7 +149,10 @@ class Dropper:
                 view.close()
             return None
         finally:
-            pt.setregs(tid, saved)
+            try:
+                pt.setregs(tid, saved)
+            except OSError:
+                pass  # the thread is gone: its exit follows
 
     # ---- using it
 

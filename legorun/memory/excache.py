@@ -666,15 +666,20 @@ class ExCache:
         # victim between its read and its drop (nor the kernel on its behalf).
         # The faulting thread itself is blocked in its fault; it is stopped
         # only to start the dropper, or where there is none, to run the drop.
+        # (The dropper serves single-threaded processes only, for now: a
+        # multi-threaded guest hung once in the threads test with it.)
         held = tracer.hold_threads(tid, self)
+        t = tracer.threads.get(tid)
+        alone = t is not None and t.process is not None and len(t.process.threads) < 2 \
+            and not self.sharers
         stopped = False
         try:
-            if not self.dropper:
+            if not (self.dropper and alone):
                 pt.interrupt(tid)
                 if not tracer.wait_interrupt(tid, self):
                     return False
                 stopped = True
-                if self.dropper is None:
+                if self.dropper is None and alone:
                     self.dropper = (self.drop_batched is not False
                                     and Dropper.start(tracer, self, tid)) or False
             # a batch, and what the incoming pages (and faults served
@@ -682,7 +687,7 @@ class ExCache:
             count = self.manager.batch + max(0, len(self.resident) + incoming - self.manager.capacity)
             victims = self._choose(count)
             if victims:
-                self.evict(tracer, tid, victims)
+                self.evict(tracer, tid, victims, stopped)
             return stopped
         finally:
             tracer.release_threads(held)
@@ -805,10 +810,10 @@ class ExCache:
     def unpin(self, addr: int) -> None:
         self.pinned.discard(addr & ~(PAGE - 1))
 
-    def evict(self, tracer, tid: int, victims: list) -> None:
+    def evict(self, tracer, tid: int, victims: list, stopped: bool = True) -> None:
         """Write back and drop these resident pages; `tid` is blocked in a
-        fault, and stopped unless the process has a dropper (the drop is
-        then the dropper's; else it is injected into `tid`).
+        fault. If it is `stopped` the drop is injected into it; else the
+        process's dropper drops them.
 
         A page still write-protected since it was fetched is as the
         mComponent holds it: dropped without a write-back. A page still the
@@ -878,7 +883,7 @@ class ExCache:
         stats.evictions += len(victims)
         self.manager.event(self.pid, "evict", min(victims), len(victims), "legorun", 0.0)
         runs = PC.run_list(victims)
-        if self.dropper:
+        if self.dropper and not stopped:
             self._drop_by_thread(tracer, runs)
             return
         done = self._drop_all(tracer, tid, runs, set(victims)) if len(runs) > 1 else 0

@@ -8,8 +8,8 @@ single-stepped through an injected process_madvise: some 0.6-0.9 ms an
 eviction here, most of it ptrace stops and waits. The dropper costs two
 futex wake-ups instead: legorun writes the iovec into a page both share,
 bumps a sequence word and wakes it; it runs the call, stores the result and
-wakes legorun. The faulting thread stays blocked in its fault all along, and
-the process's other threads are held as before (ExCache._make_room).
+wakes legorun. The faulting thread stays blocked in its fault all along (for
+now only single-threaded processes use it: ExCache._make_room).
 
 It is started at a process's first eviction (a run that fits the ExCache has
 no such thread) by four syscalls injected into the stopped faulting thread:
@@ -51,7 +51,6 @@ CODE = bytes.fromhex(
 BLOCK = PAGE                       # +0 seq, +4 done, +8 count, +16 result, +64 iovec[]
 IOV_AT = 64
 SIZE = BLOCK + ((IOV_AT + 16 * IOV_MAX + PAGE - 1) & ~(PAGE - 1)) + PAGE
-HEADER = struct.Struct("<IIqq")    # seq, done, count, result
 QUIT = -1
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
@@ -85,7 +84,6 @@ class Dropper:
     def __init__(self, pid: int, tid: int, base: int, view: mmap.mmap) -> None:
         self.pid = pid
         self.tid = tid            # the thread's id (untraced)
-        self.base = base          # the mapping, in the guest
         self.view = view          # the same pages, here
         self.seq = 0
         self.block = ctypes.addressof(ctypes.c_char.from_buffer(view, BLOCK))
@@ -140,7 +138,7 @@ class Dropper:
             dropper = cls(cache.pid, new, base, view)
             # a call over no range: the kernel takes process_madvise on the
             # calling thread (Linux 6.14+), or the dropper is of no use
-            if dropper._call(tracer, cache, []) < 0:
+            if dropper.drop(tracer, cache, []) < 0:
                 dropper.stop()
                 return None
             return dropper
@@ -160,9 +158,6 @@ class Dropper:
         """Drop these (start, length) runs (at most IOV_MAX); returns the
         call's result: the bytes dropped (the runs before the first refused
         one: mlock()ed), or -errno if the first was refused."""
-        return self._call(tracer, cache, runs)
-
-    def _call(self, tracer, cache, runs: list) -> int:
         view = self.view
         if runs:
             struct.pack_into(f"<{2 * len(runs)}Q", view, BLOCK + IOV_AT,

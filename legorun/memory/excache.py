@@ -908,16 +908,11 @@ class ExCache:
         try:
             while i < len(runs):
                 chunk = runs[i:i + IOV_MAX]
-                result = self.dropper.drop(tracer, self, chunk)
-                for _, length in chunk:  # the runs the bytes dropped cover
-                    if result < length:
-                        break
-                    result -= length
+                done = _runs_covered(chunk, self.dropper.drop(tracer, self, chunk))
+                i += done
+                if done < len(chunk):
+                    stats.locked += runs[i][1] // PAGE
                     i += 1
-                else:
-                    continue
-                stats.locked += runs[i][1] // PAGE
-                i += 1
         except ProcessLookupError:
             pass  # the process is gone (killed meanwhile): its exit follows
 
@@ -987,13 +982,7 @@ class ExCache:
         if result >= 1 << 63:
             return -1
         self.drop_batched = True
-        done = 0
-        for _, length in runs:  # the runs the bytes advised cover
-            if result < length:
-                break
-            result -= length
-            done += 1
-        return done
+        return _runs_covered(runs, result)
 
     def _kinds(self, start: int, end: int) -> list:
         """(page, PAGEMAP_SCAN categories or None if not mapped) for each page
@@ -1139,6 +1128,18 @@ class ExCache:
             self.manager.client().free_space(self.space)
         except Exception:  # noqa: BLE001 - the component may be gone; its lease frees it
             pass
+
+
+def _runs_covered(runs: list, result: int) -> int:
+    """How many of the (start, length) `runs` a process_madvise over them
+    covered, from its result (bytes advised; negative: none)."""
+    done = 0
+    for _, length in runs:
+        if result < length:
+            break
+        result -= length
+        done += 1
+    return done
 
 
 def _pages_in(pages, start: int, end: int) -> list:

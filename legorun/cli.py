@@ -206,6 +206,8 @@ def print_summary(stats: dict, out) -> None:
              f"{ex.get('prefetch_unused', 0)} evicted unwritten (wasted, or only read)"),
             ("evictions", ex["evictions"],
              f"{ex['writebacks']} written back, {ex.get('clean_drops', 0)} dropped clean"
+             + (f", {ex['unchanged']} written but unchanged (not written back)"
+                if ex.get("unchanged") else "")
              + (f", {ex['second_chances']} second chances" if ex.get("second_chances") else "")
              + (f", {ex['refaults']} refaults kept hot" if ex.get("refaults") else "")
              + (f", {ex['deferred']} deferred" if ex["deferred"] else "")),

@@ -126,10 +126,56 @@ def test_read_pages_skips_zero_pages_and_reports_unreadable_ones(region):
     finally:
         os.close(fd)
     assert got["C"] == got["Python"]
-    addrs, data, zeros, gone = got["C"]
+    addrs, data, zeros, gone, same = got["C"]
     assert addrs == pages[0:4] and data == b"".join(bytes([i]) * PAGE for i in range(4, 8))
     assert zeros == pages[4:8]
     assert gone == [hole]
+    assert same == []
+
+
+@pytest.mark.parametrize("impl", ["C", "Python"])
+def test_read_pages_leaves_out_pages_that_still_hold_what_their_fingerprint_says(impl, region):
+    """A written page whose bytes are those fingerprinted (fetched, written,
+    written back as it was) is not read out for a write-back; one that
+    differs by a single bit, or has no fingerprint, is."""
+    m, base = region
+    fp = C.fingerprint if impl == "C" else pagecore._py_fingerprint
+    read = C.read_pages if impl == "C" else PY["read_pages"]
+    pages = [base + i * PAGE for i in range(4, 8)]
+    prints = {pages[0]: fp(bytes([4]) * PAGE),                        # as it is
+              pages[1]: fp(bytes([5]) * (PAGE - 1) + bytes([5 ^ 0x80])),  # one bit off
+              pages[2]: fp(bytes(PAGE))}                              # zeros, not these bytes
+    fd = os.open("/proc/self/mem", os.O_RDONLY)
+    try:
+        addrs, data, zeros, gone, same = read(os.getpid(), fd, pages, prints)
+    finally:
+        os.close(fd)
+    assert same == pages[:1]
+    assert addrs == pages[1:] and data == b"".join(bytes([i]) * PAGE for i in range(5, 8))
+    assert zeros == gone == []
+
+
+@pytest.mark.parametrize("impl", ["C", "Python"])
+def test_fingerprints_tell_pages_apart_and_keep_to_this_process(impl):
+    fp = C.fingerprint if impl == "C" else pagecore._py_fingerprint
+    page = bytearray(os.urandom(PAGE))
+    print_ = fp(bytes(page))
+    assert len(print_) == 32 and fp(memoryview(page)) == print_
+    for bit in (0, 7, 8 * 2048 + 3, 8 * PAGE - 1):  # every word of the page counts
+        page[bit // 8] ^= 1 << bit % 8
+        assert fp(bytes(page)) != print_
+        page[bit // 8] ^= 1 << bit % 8
+    with pytest.raises(ValueError):
+        fp(b"short")
+    # the key is drawn per process: another process prints the page otherwise
+    import subprocess
+    import sys
+    name = "fingerprint" if impl == "C" else "_py_fingerprint"
+    mod = "legorun._ext.pagecore" if impl == "C" else "legorun.memory.pagecore"
+    other = subprocess.run([sys.executable, "-c", f"import sys, {mod} as m; "
+                            f"sys.stdout.write(m.{name}(bytes({PAGE})).hex())"],
+                           capture_output=True, text=True, check=True).stdout
+    assert len(other) == 64 and other != fp(bytes(PAGE)).hex()
 
 
 @pytest.mark.parametrize("impl", ["C", "Python"])
@@ -140,10 +186,16 @@ def test_install_maps_runs_skips_pages_already_there_and_keeps_contents(impl, re
     pages = [base + i * PAGE for i in (0, 1, 2, 3, 6)]
     datas = [b"\x01" * PAGE, memoryview(b"\x02" * PAGE), b"\x03" * PAGE, None, b"\x06" * PAGE]
     install = C.install if impl == "C" else PY["install"]
-    done, again = install(fd, pages, datas, False)
+    fp = C.fingerprint if impl == "C" else pagecore._py_fingerprint
+    prints = {}
+    done, again = install(fd, pages, datas, False, prints)
     assert (done, again) == ([base, base + PAGE, base + 3 * PAGE, base + 6 * PAGE], False)
     assert [m[i * PAGE] for i in (0, 1, 2, 3, 6)] == [1, 2, 7, 0, 6]
     assert m[PAGE:2 * PAGE] == b"\x02" * PAGE
+    # the pages mapped from data have their fingerprints; zeros and the page
+    # that was there already have none
+    assert prints == {base: fp(b"\x01" * PAGE), base + PAGE: fp(b"\x02" * PAGE),
+                      base + 6 * PAGE: fp(b"\x06" * PAGE)}
 
 
 @pytest.mark.parametrize("impl", ["C", "Python"])
@@ -162,8 +214,12 @@ def test_install_maps_views_of_one_reply_in_place_and_views_apart_gathered(impl,
     pages = [base + i * PAGE for i in (0, 1, 2, 3, 5, 6, 7, 8)]
     datas = page[:4] + [page[5], other, None, page[4]]
     install = C.install if impl == "C" else PY["install"]
-    done, again = install(fd, pages, datas, False)
+    fp = C.fingerprint if impl == "C" else pagecore._py_fingerprint
+    prints = {}
+    done, again = install(fd, pages, datas, False, prints)
     assert (done, again) == (pages, False)
+    want = [1, 2, 3, 4, 6, 9, None, 5]
+    assert prints == {p: fp(bytes([b]) * PAGE) for p, b in zip(pages, want) if b is not None}
     # (page 4 is not read: nothing would serve its fault)
     assert [m[i * PAGE] for i in (0, 1, 2, 3, 5, 6, 7, 8)] == [1, 2, 3, 4, 6, 9, 0, 5]
     assert m[:4 * PAGE] == bytes(reply[6:6 + 4 * PAGE])

@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/random.h>
 #include <sys/uio.h>
 #include <unistd.h>
 #include <linux/userfaultfd.h>
@@ -35,6 +36,86 @@ struct page_region { uint64_t start, end, categories; };
 #define VEC_LEN 4096
 
 static struct page_region vec[VEC_LEN];
+
+/* ---- fingerprints
+
+   A page fetched from the mComponent and written since may still hold what
+   the mComponent holds (CPython's reference counts: a pass over objects
+   raises and lowers them again). Its eviction compares a fingerprint of its
+   bytes with one of the bytes fetched and skips the write-back when they
+   are equal. The fingerprint is NH (the hash of UMAC, RFC 4418) over 64-bit
+   words, two passes with the key shifted by two words (Toeplitz): for two
+   different pages, the chance that their fingerprints are equal is at most
+   2^-128 over the choice of the key (Black et al., "UMAC: fast and secure
+   message authentication", 1999), whatever the pages hold, as long as they
+   do not depend on the key. The key is drawn from getrandom() when this
+   module loads and never leaves legorun. ~0.3 us a page here. */
+
+#define NH_WORDS (PAGE / 8)
+#define PRINT_SIZE 32
+static uint64_t nh_key[NH_WORDS + 2];
+
+typedef unsigned __int128 u128;
+
+static void fingerprint_of(const unsigned char *p, unsigned char out[PRINT_SIZE])
+{
+    u128 s0 = 0, s1 = 0;
+    for (size_t i = 0; i < NH_WORDS; i += 2) {
+        uint64_t a, b;
+        memcpy(&a, p + 8 * i, 8);
+        memcpy(&b, p + 8 * i + 8, 8);
+        s0 += (u128)(a + nh_key[i]) * (b + nh_key[i + 1]);
+        s1 += (u128)(a + nh_key[i + 2]) * (b + nh_key[i + 3]);
+    }
+    memcpy(out, &s0, 16);
+    memcpy(out + 16, &s1, 16);
+}
+
+/* prints[page] = the fingerprint of these bytes; -1 with an exception set */
+static int set_print(PyObject *prints, uint64_t page, const unsigned char *p)
+{
+    unsigned char fp[PRINT_SIZE];
+    fingerprint_of(p, fp);
+    PyObject *k = PyLong_FromUnsignedLongLong(page);
+    PyObject *v = PyBytes_FromStringAndSize((const char *)fp, PRINT_SIZE);
+    int r = (k && v) ? PyDict_SetItem(prints, k, v) : -1;
+    Py_XDECREF(k);
+    Py_XDECREF(v);
+    return r;
+}
+
+/* 1 if prints[page] is the fingerprint of these bytes, 0 if not or absent */
+static int same_print(PyObject *prints, uint64_t page, const unsigned char *p)
+{
+    PyObject *k = PyLong_FromUnsignedLongLong(page);
+    if (!k)
+        return -1;
+    PyObject *v = PyDict_GetItemWithError(prints, k);   /* borrowed */
+    Py_DECREF(k);
+    if (!v)
+        return PyErr_Occurred() ? -1 : 0;
+    if (!PyBytes_Check(v) || PyBytes_GET_SIZE(v) != PRINT_SIZE)
+        return 0;
+    unsigned char fp[PRINT_SIZE];
+    fingerprint_of(p, fp);
+    return memcmp(fp, PyBytes_AS_STRING(v), PRINT_SIZE) == 0;
+}
+
+static PyObject *fingerprint(PyObject *self, PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (view.len != (Py_ssize_t)PAGE) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "fingerprint: a page is 4096 bytes");
+        return NULL;
+    }
+    unsigned char fp[PRINT_SIZE];
+    fingerprint_of(view.buf, fp);
+    PyBuffer_Release(&view);
+    return PyBytes_FromStringAndSize((const char *)fp, PRINT_SIZE);
+}
 
 /* ---- small helpers */
 
@@ -266,13 +347,18 @@ fail:
 static PyObject *read_pages(PyObject *self, PyObject *args)
 {
     int pid, mem_fd;
-    PyObject *pages;
-    if (!PyArg_ParseTuple(args, "iiO!", &pid, &mem_fd, &PyList_Type, &pages))
+    PyObject *pages, *prints = Py_None;
+    if (!PyArg_ParseTuple(args, "iiO!|O", &pid, &mem_fd, &PyList_Type, &pages, &prints))
         return NULL;
+    if (prints != Py_None && !PyDict_Check(prints)) {
+        PyErr_SetString(PyExc_TypeError, "read_pages: prints must be a dict or None");
+        return NULL;
+    }
     Py_ssize_t n = PyList_GET_SIZE(pages);
     PyObject *data = PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)PAGE);
     PyObject *addrs = PyList_New(0), *zeros = PyList_New(0), *gone = PyList_New(0);
-    if (!data || !addrs || !zeros || !gone)
+    PyObject *same = PyList_New(0);
+    if (!data || !addrs || !zeros || !gone || !same)
         goto fail;
     unsigned char *buf = (unsigned char *)PyBytes_AS_STRING(data);
     size_t kept = 0;       /* pages kept, compacted at the front of buf */
@@ -285,10 +371,10 @@ static PyObject *read_pages(PyObject *self, PyObject *args)
         size_t length = (size_t)(j - i) * PAGE;
         unsigned char *at = buf + kept * PAGE;   /* the run lands after what was kept */
         struct iovec local = {at, length}, remote = {(void *)(uintptr_t)start, length};
-        ssize_t got;
-        Py_BEGIN_ALLOW_THREADS
-        got = process_vm_readv(pid, &local, 1, &remote, 1, 0);
-        Py_END_ALLOW_THREADS
+        /* (the GIL is kept through the calls here and in install: each takes
+           microseconds, and letting go of it hands it to gRPC's threads, whose
+           turn the eviction or the fault would then wait out) */
+        ssize_t got = process_vm_readv(pid, &local, 1, &remote, 1, 0);
         if (got < 0)
             got = 0;
         for (size_t off = 0; off < length; off += PAGE) {
@@ -307,6 +393,13 @@ static PyObject *read_pages(PyObject *self, PyObject *args)
                     goto fail;
                 continue;
             }
+            if (prints != Py_None) {
+                int r = same_print(prints, page, src);
+                if (r < 0 || (r && append_int(same, page) < 0))
+                    goto fail;
+                if (r)
+                    continue;
+            }
             unsigned char *dst = buf + kept * PAGE;
             if (dst != src)
                 memmove(dst, src, PAGE);
@@ -320,12 +413,13 @@ static PyObject *read_pages(PyObject *self, PyObject *args)
         data = NULL;
         goto fail;
     }
-    return Py_BuildValue("(NNNN)", addrs, data, zeros, gone);
+    return Py_BuildValue("(NNNNN)", addrs, data, zeros, gone, same);
 fail:
     Py_XDECREF(data);
     Py_XDECREF(addrs);
     Py_XDECREF(zeros);
     Py_XDECREF(gone);
+    Py_XDECREF(same);
     return NULL;
 }
 
@@ -388,9 +482,14 @@ static const unsigned char *contiguous(PyObject *datas, Py_ssize_t i, Py_ssize_t
 static PyObject *install(PyObject *self, PyObject *args)
 {
     int fd, wp;
-    PyObject *pages, *datas;
-    if (!PyArg_ParseTuple(args, "iO!O!p", &fd, &PyList_Type, &pages, &PyList_Type, &datas, &wp))
+    PyObject *pages, *datas, *prints = Py_None;
+    if (!PyArg_ParseTuple(args, "iO!O!p|O", &fd, &PyList_Type, &pages, &PyList_Type, &datas, &wp,
+                          &prints))
         return NULL;
+    if (prints != Py_None && !PyDict_Check(prints)) {
+        PyErr_SetString(PyExc_TypeError, "install: prints must be a dict or None");
+        return NULL;
+    }
     Py_ssize_t n = PyList_GET_SIZE(pages);
     if (PyList_GET_SIZE(datas) != n) {
         PyErr_SetString(PyExc_ValueError, "install: as many datas as pages");
@@ -437,17 +536,11 @@ static PyObject *install(PyObject *self, PyObject *args)
         }
         size_t at = 0;
         while (at < len) {
-            long long r;
-            Py_BEGIN_ALLOW_THREADS
-            r = uffd_copy(fd, start + at, src + at, len - at, wp);
-            Py_END_ALLOW_THREADS
-            if (r == -ENOENT && len - at > PAGE) {
+            long long r = uffd_copy(fd, start + at, src + at, len - at, wp);
+            if (r == -ENOENT && len - at > PAGE)
                 /* the run spans mappings (the kernel checks the whole range
                    first): this page alone */
-                Py_BEGIN_ALLOW_THREADS
                 r = uffd_copy(fd, start + at, src + at, PAGE, wp);
-                Py_END_ALLOW_THREADS
-            }
             if (r == -EEXIST || r == -ENOENT) {
                 /* there already (a raced fault), or not registered: skipped */
                 at += PAGE;
@@ -457,9 +550,14 @@ static PyObject *install(PyObject *self, PyObject *args)
                 again = 1;
                 break;
             }
-            for (uint64_t p = start + at; p < start + at + (uint64_t)r; p += PAGE)
+            for (uint64_t p = start + at; p < start + at + (uint64_t)r; p += PAGE) {
                 if (append_int(done, p) < 0)
                     goto fail;
+                size_t off = (size_t)(p - start);
+                if (prints != Py_None && PyList_GET_ITEM(datas, i + (Py_ssize_t)(off / PAGE)) != Py_None
+                        && set_print(prints, p, src + off) < 0)
+                    goto fail;
+            }
             at += (size_t)r;
         }
         i = j;
@@ -478,9 +576,11 @@ static PyMethodDef methods[] = {
     {"classify", classify, METH_VARARGS,
      "classify(pagemap_fd, victims, stored, dirty, ahead) -> (need, zeros, gone, clean, used, unused)"},
     {"read_pages", read_pages, METH_VARARGS,
-     "read_pages(pid, mem_fd, pages) -> (addrs, data, zeros, gone)"},
+     "read_pages(pid, mem_fd, pages, prints=None) -> (addrs, data, zeros, gone, same)"},
     {"install", install, METH_VARARGS,
-     "install(uffd_fd, pages, datas, wp) -> (pages mapped, stopped by EAGAIN)"},
+     "install(uffd_fd, pages, datas, wp, prints=None) -> (pages mapped, stopped by EAGAIN)"},
+    {"fingerprint", fingerprint, METH_O,
+     "fingerprint(page) -> 32 bytes: NH of the 4096 bytes under this process's random key"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -488,5 +588,17 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "pagecore", NULL, -1,
 
 PyMODINIT_FUNC PyInit_pagecore(void)
 {
+    unsigned char *k = (unsigned char *)nh_key;
+    size_t got = 0;
+    while (got < sizeof nh_key) {
+        ssize_t r = getrandom(k + got, sizeof nh_key - got, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return NULL;
+        }
+        got += (size_t)r;
+    }
     return PyModule_Create(&module);
 }

@@ -62,6 +62,7 @@ class MemoryStats:
         self.evictions = 0       # pages dropped from the ExCache
         self.writebacks = 0      # evicted pages stored (all-zero ones skipped)
         self.clean_drops = 0     # evicted pages the mComponent already held as they were: no write-back
+        self.unchanged = 0       # evicted pages written since fetched, back to what was fetched: no write-back
         self.deferred = 0        # evictions put off: the fault came from inside a syscall
         self.prefetched = 0      # evicted pages brought back with a missed neighbour
         self.prefetch_used = 0   # prefetched pages written before their eviction
@@ -118,6 +119,12 @@ class ExCache:
         self.forked: list = []                       # child uffds (FORK events) not yet claimed
         self.heap_end = None                         # the brk heap's end as last registered
         self.dirty: set = set()                      # written, then write-protected again (CLOCK)
+        # resident page -> fingerprint of the mComponent's copy of it, for the
+        # pages fetched (pagecore.fingerprint): a written page that still
+        # holds those bytes is not written back. An entry goes when the page
+        # leaves the ExCache or the mComponent's copy changes (store, discard,
+        # unmap, remap), so a page never zero-filled or moved meanwhile has one.
+        self.prints: dict = {}
         self.ghost: OrderedDict = OrderedDict()      # recently evicted pages, oldest first (2Q)
         self.hot: OrderedDict = OrderedDict()        # resident pages that faulted again soon (2Q)
         self.sharers: dict = {}                      # vfork child tid -> its blocked parent tid
@@ -246,6 +253,8 @@ class ExCache:
     def _forget(self, start: int, end: int) -> None:
         for page in _pages_in(self.inflight, start, end):
             del self.inflight[page]  # its readahead data is stale now
+        for page in _pages_in(self.prints, start, end):
+            del self.prints[page]
         for page in _pages_in(self.resident, start, end):
             del self.resident[page]
             self.ahead.discard(page)
@@ -315,6 +324,8 @@ class ExCache:
         self.hot.clear()
         moving = sorted(p for p in _pages_in(self.stored, old, old + length)
                         if p not in self.resident)
+        for page in _pages_in(self.prints, old, old + length):
+            del self.prints[page]  # (moved, a page is stored anew: see below)
         moved = OrderedDict()
         for page in sorted(_pages_in(self.resident, old, old + length)):
             del self.resident[page]
@@ -424,6 +435,8 @@ class ExCache:
                 self.uffd.copy(page, ZERO if first is None else bytes(first),
                                wp=not write)  # EEXIST: it is there
                 self.resident[page] = None
+                if first is not None:
+                    self.prints[page] = PC.fingerprint(first)
                 rest = [(p, d) for p, d in zip(group[1:], datas[1:])
                         if p not in self.resident and p in self.stored]  # else changed meanwhile
                 self._install_ahead(rest)
@@ -642,7 +655,8 @@ class ExCache:
         layout is changing, the rest is left for later)."""
         if not pages:
             return
-        done, _ = PC.install(self.uffd.fd, [p for p, _ in pages], [d for _, d in pages], True)
+        done, _ = PC.install(self.uffd.fd, [p for p, _ in pages], [d for _, d in pages], True,
+                             self.prints)
         resident, ahead = self.resident, self.ahead
         for p in done:
             resident[p] = None
@@ -806,6 +820,8 @@ class ExCache:
                 continue  # the layout is changing: its fault is served as usual
             if mapped:
                 self.resident[page] = None
+                if datas.get(page) is not None:
+                    self.prints[page] = PC.fingerprint(datas[page])
 
     def unpin(self, addr: int) -> None:
         self.pinned.discard(addr & ~(PAGE - 1))
@@ -833,8 +849,11 @@ class ExCache:
         stats.prefetch_used += used
         stats.prefetch_unused += unused
         # one process_vm_readv per contiguous run (about twice as fast as a
-        # pread of /proc/PID/mem); all-zero pages are not stored
-        addrs, data, read_zeros, read_gone = PC.read_pages(self.pid, self.mem_fd, need)
+        # pread of /proc/PID/mem); all-zero pages are not stored, nor those
+        # written that hold what was fetched (their fingerprints agree:
+        # CPython raises and lowers reference counts in a pass over objects)
+        addrs, data, read_zeros, read_gone, same = PC.read_pages(self.pid, self.mem_fd, need,
+                                                                 self.prints)
         zeros += read_zeros
         gone += read_gone
         stores = memwire.Pages(addrs, data)
@@ -864,9 +883,10 @@ class ExCache:
             stats.writebacks += len(stores)
         # the books first: a victim that faults while it is being dropped is
         # served from what was just stored
-        forget = self.resident.pop
+        forget, unprint = self.resident.pop, self.prints.pop
         for page in victims:
             forget(page, None)
+            unprint(page, None)
         self.ahead.difference_update(victims)
         self.dirty.difference_update(victims)
         if self.manager.policy == "2q":
@@ -880,6 +900,7 @@ class ExCache:
         self.stored.difference_update(zeros)
         stats.not_present += len(gone)
         stats.clean_drops += clean
+        stats.unchanged += len(same)
         stats.evictions += len(victims)
         self.manager.event(self.pid, "evict", min(victims), len(victims), "legorun", 0.0)
         runs = PC.run_list(victims)
@@ -1051,6 +1072,7 @@ class ExCache:
         child.stored = set(self.stored)
         child.ahead = set(self.ahead)
         child.dirty = set(self.dirty)
+        child.prints = dict(self.prints)  # (the child's space is a copy of this one)
         child.ghost = OrderedDict(self.ghost)
         child.hot = OrderedDict(self.hot)
         child.regions = [list(r) for r in self.regions]

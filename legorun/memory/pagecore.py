@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import os
 
 from ..kernel import ptrace as pt
@@ -17,6 +18,19 @@ from . import uffd as U
 
 PAGE = U.PAGE
 ZERO = bytes(PAGE)
+_KEY = os.urandom(32)
+
+
+def _fingerprint(page) -> bytes:
+    """32 bytes that tell this page's 4096 bytes from any others': keyed with
+    a key drawn when legorun starts, so that two different pages agree only
+    by a chance the guest cannot raise (blake2b here; the C build uses NH,
+    whose chance is at most 2^-128 and which is ~10x faster: see
+    pagecore.c). An eviction compares the fingerprint of a written page with
+    that of the bytes fetched for it, and skips the write-back if they agree."""
+    if len(page) != PAGE:
+        raise ValueError("fingerprint: a page is 4096 bytes")
+    return hashlib.blake2b(page, digest_size=32, key=_KEY).digest()
 
 
 def absent(lo: int, hi: int, stored, resident, inflight) -> list:
@@ -76,12 +90,13 @@ def kinds(scanner, start: int, end: int):
         yield page, None
 
 
-def read_pages(pid: int, mem_fd: int, pages: list) -> tuple:
+def read_pages(pid: int, mem_fd: int, pages: list, prints: dict | None = None) -> tuple:
     """Read the (sorted) pages of a stopped guest: one process_vm_readv per
     contiguous run, page by page through /proc/PID/mem where that falls
     short. Returns (addrs, data: their bytes back to back, zeros: all-zero
-    pages (not in data), gone: not readable)."""
-    addrs, chunks, zeros, gone = [], [], [], []
+    pages (not in data), gone: not readable, same: pages whose fingerprint
+    is the one `prints` holds for them (not in data))."""
+    addrs, chunks, zeros, gone, same = [], [], [], [], []
     for start, length in runs(pages):
         buf = ctypes.create_string_buffer(length)
         try:
@@ -102,17 +117,20 @@ def read_pages(pid: int, mem_fd: int, pages: list) -> tuple:
                     continue
             if data == ZERO:
                 zeros.append(start + off)
+            elif prints is not None and prints.get(start + off) == _fingerprint(data):
+                same.append(start + off)
             else:
                 addrs.append(start + off)
                 chunks.append(data)
-    return addrs, b"".join(chunks), zeros, gone
+    return addrs, b"".join(chunks), zeros, gone, same
 
 
-def install(uffd_fd: int, pages: list, datas: list, wp: bool) -> tuple:
+def install(uffd_fd: int, pages: list, datas: list, wp: bool, prints: dict | None = None) -> tuple:
     """Map pages with these contents (None: zeros), one UFFDIO_COPY per
     contiguous run. A page already there, or outside the registered
-    mappings, is skipped. Returns (the pages mapped, True if the kernel said
-    EAGAIN: the layout is changing, the rest was left)."""
+    mappings, is skipped. Each page mapped from data (not zeros) gets its
+    fingerprint in `prints`. Returns (the pages mapped, True if the kernel
+    said EAGAIN: the layout is changing, the rest was left)."""
     uffd = U.Userfaultfd(uffd_fd)  # (not closed: the fd is the caller's)
     done: list = []
     i = 0
@@ -132,9 +150,16 @@ def install(uffd_fd: int, pages: list, datas: list, wp: bool) -> tuple:
             if mapped <= 0:
                 return done, True
             done += range(pages[i] + at, pages[i] + at + mapped, PAGE)
+            if prints is not None:
+                for off in range(at, at + mapped, PAGE):
+                    if datas[i + off // PAGE] is not None:
+                        prints[pages[i] + off] = _fingerprint(blob[off:off + PAGE])
             at += mapped
         i = j
     return done, False
+
+
+fingerprint = _fingerprint
 
 
 def runs(pages: list):
@@ -168,9 +193,9 @@ def run_list(pages: list) -> list:
 
 
 _py_absent, _py_classify, _py_read_pages, _py_install = absent, classify, read_pages, install
-_py_run_list = run_list
+_py_run_list, _py_fingerprint = run_list, fingerprint
 _C = _select()
 if _C is not None:
     absent, classify, read_pages, install = _C.absent, _C.classify, _C.read_pages, _C.install
-    run_list = _C.runs
+    run_list, fingerprint = _C.runs, _C.fingerprint
 IMPLEMENTATION = "C" if _C is not None else "Python"

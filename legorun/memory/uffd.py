@@ -51,6 +51,16 @@ NR_PIDFD_GETFD = 438
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+# The ioctls and reads of the fault path keep the GIL: each takes a few
+# microseconds, and a call that lets go of it (fcntl.ioctl, os.read) hands it
+# to gRPC's threads, whose turn the fault then waits out before it goes on.
+_held = ctypes.PyDLL(None, use_errno=True)
+_ioctl = _held.ioctl
+_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_ioctl.restype = ctypes.c_int
+_read = _held.read
+_read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+_read.restype = ctypes.c_ssize_t
 
 
 ZEROS_MAX = 256 * PAGE
@@ -63,8 +73,13 @@ class Userfaultfd:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._copy = bytearray(40)
-        self._zero = bytes(PAGE)
+        self._copy = ctypes.create_string_buffer(40)   # struct uffdio_copy
+        self._range = ctypes.create_string_buffer(32)  # uffdio_zeropage, _writeprotect, _range
+        self._msgs = ctypes.create_string_buffer(MSG.size * 64)
+
+    def _call(self, request: int, arg) -> int:
+        """ioctl holding the GIL: 0, or the errno."""
+        return 0 if _ioctl(self.fd, request, arg) == 0 else ctypes.get_errno()
 
     @classmethod
     def take(cls, pid: int, guest_fd: int) -> "Userfaultfd":
@@ -128,43 +143,47 @@ class Userfaultfd:
     def _copy_raw(self, dst: int, src: int, length: int, wp: bool) -> tuple:
         struct.pack_into("<QQQQq", self._copy, 0, dst, src, length,
                          UFFDIO_COPY_MODE_WP if wp else 0, 0)
-        try:
-            fcntl.ioctl(self.fd, UFFDIO_COPY, self._copy)
-        except OSError as e:
-            return e.errno, max(struct.unpack_from("<q", self._copy, 32)[0], 0)
+        err = self._call(UFFDIO_COPY, self._copy)
+        if err:
+            return err, max(struct.unpack_from("<q", self._copy, 32)[0], 0)
         return 0, length
 
     def zero(self, dst: int, length: int = PAGE) -> bool:
         """Map the zero page over [dst, dst+length); False if a page was there
         or the range is not one registered mapping."""
-        buf = bytearray(struct.pack("<QQQq", dst, length, 0, 0))
-        try:
-            fcntl.ioctl(self.fd, UFFDIO_ZEROPAGE, buf)
-        except (FileExistsError, FileNotFoundError):  # as for copy
+        struct.pack_into("<QQQq", self._range, 0, dst, length, 0, 0)
+        err = self._call(UFFDIO_ZEROPAGE, self._range)
+        if err in (errno.EEXIST, errno.ENOENT):  # as for copy
             return False
+        if err:
+            raise OSError(err, os.strerror(err))
         return True
 
     def writeprotect(self, start: int, length: int) -> None:
         """Write-protect [start, start+length) again (with WP_ASYNC the next
         write lifts it and shows in PAGEMAP_SCAN as written)."""
-        fcntl.ioctl(self.fd, UFFDIO_WRITEPROTECT,
-                    bytearray(struct.pack("<QQQ", start, length, UFFDIO_WRITEPROTECT_MODE_WP)))
+        struct.pack_into("<QQQ", self._range, 0, start, length, UFFDIO_WRITEPROTECT_MODE_WP)
+        err = self._call(UFFDIO_WRITEPROTECT, self._range)
+        if err:
+            raise OSError(err, os.strerror(err))
 
     def wake(self, start: int, length: int) -> None:
-        try:
-            fcntl.ioctl(self.fd, UFFDIO_WAKE, bytearray(struct.pack("<QQ", start, length)))
-        except OSError:
-            pass  # no longer registered: the thread was woken by the unmap
+        struct.pack_into("<QQ", self._range, 0, start, length)
+        self._call(UFFDIO_WAKE, self._range)  # (an error: no longer registered,
+        # the thread was woken by the unmap)
 
     def messages(self):
         """Every message waiting now, as (event, a, b, c) tuples."""
+        buf = self._msgs
         while True:
-            try:
-                raw = os.read(self.fd, MSG.size * 64)
-            except BlockingIOError:
+            n = _read(self.fd, buf, len(buf))
+            if n <= 0:
+                if n < 0 and ctypes.get_errno() not in (errno.EAGAIN, errno.EINTR):
+                    raise OSError(ctypes.get_errno(), "read of the userfaultfd")
                 return
-            for off in range(0, len(raw), MSG.size):
-                yield MSG.unpack_from(raw, off)
+            # (the messages of one read are unpacked before the next one)
+            for msg in [MSG.unpack_from(buf, off) for off in range(0, n, MSG.size)]:
+                yield msg
 
     def close(self) -> None:
         if self.fd >= 0:

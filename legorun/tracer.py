@@ -52,6 +52,15 @@ def _tgkill(tgid: int, tid: int, sig: int) -> None:
         pass
 
 
+PAGE_MASK = ~4095
+
+
+def _waits_for_drop(cache, m: tuple) -> bool:
+    """A fault on a page being dropped, of a thread other than the one the
+    drop runs in: served once the drop is over (ExCache.evict)."""
+    return (m[2] & PAGE_MASK) in cache.dropping and (m[3] & 0xFFFFFFFF) != cache.drop_tid
+
+
 def _in_kernel_fault(tid: int) -> bool:
     """Blocked in a userfaultfd fault taken inside a syscall (not interruptible
     by PTRACE_INTERRUPT until the fault is served)."""
@@ -452,7 +461,8 @@ class Tracer:
     def _serve_meanwhile(self, cache, removing, retry: list) -> int:
         """Serve the faults waiting on `cache`'s userfaultfd without evicting,
         except those of frozen threads (they stay blocked until the eviction
-        is over); other events are queued for the main loop. Returns the
+        is over) and those of pages being dropped (served once the drop is
+        over); other events are queued for the main loop. Returns the
         bytes of the REMOVE events of `removing` read (legorun's own drop)."""
         from .memory import uffd as U
         own = 0
@@ -466,12 +476,15 @@ class Tracer:
                 # makes UFFDIO_COPY fail (EAGAIN), so a page served after this
                 # (a fault below, the one being served) must see its effect
                 _apply_event(cache, *m)
-            elif (m[3] & 0xFFFFFFFF) not in self.frozen:
+            elif (m[3] & 0xFFFFFFFF) not in self.frozen and not _waits_for_drop(cache, m):
                 retry.append(m)
             else:
                 self.pending_uffd.append((cache, m))
         for m in retry[:]:
-            if (m[3] & 0xFFFFFFFF) in self.frozen:  # frozen since it was queued
+            if (m[3] & 0xFFFFFFFF) in self.frozen or _waits_for_drop(cache, m):
+                # (frozen since it was queued; or a page being dropped: once
+                # its REMOVE event is read the kernel zaps it, so a copy made
+                # before the zap would be lost while the books say resident)
                 retry.remove(m)
                 self.pending_uffd.append((cache, m))
             elif cache.fault(self, m[2], m[3] & 0xFFFFFFFF, evict=False,
@@ -562,8 +575,17 @@ class Tracer:
                 self._note_peak_rss(t.tid)
             if t.clear_tid and t.process is not None and t.process.excache is not None:
                 # the kernel writes 0 there on its way out, where a fault can
-                # no longer be served (PF_EXITING): pthread_join waits for it
-                t.process.excache.ensure(t.clear_tid, 4, pin=True)
+                # no longer be served (PF_EXITING): pthread_join waits for it.
+                # (Another thread's madvise, glibc freeing an exited thread's
+                # stack, may hold the mm: its event is read and the page
+                # mapped again.)
+                cache, retry = t.process.excache, []
+                for _ in range(1000):
+                    if cache.ensure(t.clear_tid, 4, pin=True):
+                        break
+                    self._wait_for(cache, 0.001)
+                    self._serve_meanwhile(cache, None, retry)
+                self.pending_uffd += [(cache, m) for m in retry]
             if t.process is not None and len(t.process.threads) == 1 \
                     and t.process.excache is not None:
                 # the last thread leaves (by exit(2) perhaps, not exit_group):

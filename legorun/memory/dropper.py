@@ -8,8 +8,8 @@ single-stepped through an injected process_madvise: some 0.6-0.9 ms an
 eviction here, most of it ptrace stops and waits. The dropper costs two
 futex wake-ups instead: legorun writes the iovec into a page both share,
 bumps a sequence word and wakes it; it runs the call, stores the result and
-wakes legorun. The faulting thread stays blocked in its fault all along (for
-now only single-threaded processes use it: ExCache._make_room).
+wakes legorun. The faulting thread stays blocked in its fault all along (the
+other threads of a multi-threaded process are held: ExCache._make_room).
 
 It is started at a process's first eviction (a run that fits the ExCache has
 no such thread) by four syscalls injected into the stopped faulting thread:

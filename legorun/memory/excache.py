@@ -142,6 +142,8 @@ class ExCache:
         self.drop_batched = None                     # process_madvise works here: None until known
         self.dropper = None                          # the Dropper thread; None: not tried yet, False: none
         self.scratch: set = set()                    # pages under _drop_all's iovec: kept resident
+        self.dropping: set = set()                   # the victims of the drop under way: their faults wait,
+        self.drop_tid = 0                            # but those of the thread the drop is injected into
 
     def remote(self, fetching: bool = False):
         """The mComponent client, with this process's space created on it and
@@ -680,20 +682,18 @@ class ExCache:
         # victim between its read and its drop (nor the kernel on its behalf).
         # The faulting thread itself is blocked in its fault; it is stopped
         # only to start the dropper, or where there is none, to run the drop.
-        # (The dropper serves single-threaded processes only, for now: a
-        # multi-threaded guest hung once in the threads test with it.)
+        # (A vfork child sharing the mm drops the old way: the dropper is
+        # its parent's thread.)
         held = tracer.hold_threads(tid, self)
-        t = tracer.threads.get(tid)
-        alone = t is not None and t.process is not None and len(t.process.threads) < 2 \
-            and not self.sharers
+        own = not self.sharers
         stopped = False
         try:
-            if not (self.dropper and alone):
+            if not (self.dropper and own):
                 pt.interrupt(tid)
                 if not tracer.wait_interrupt(tid, self):
                     return False
                 stopped = True
-                if self.dropper is None and alone:
+                if self.dropper is None and own:
                     self.dropper = (self.drop_batched is not False
                                     and Dropper.start(tracer, self, tid)) or False
             # a batch, and what the incoming pages (and faults served
@@ -786,12 +786,15 @@ class ExCache:
         while len(self.hot) > self.manager.capacity // 4:
             self.hot.popitem(last=False)
 
-    def ensure(self, addr: int, length: int, pin: bool = False) -> None:
+    def ensure(self, addr: int, length: int, pin: bool = False) -> bool:
         """Make the registered pages of [addr, addr+length) resident without
         evicting (legorun is about to read them, or the kernel to write them
         where no fault can be served); with `pin`, keep them from eviction
         until unpin(). Pages outside the registered regions (a `.bss`,
-        say) are left alone: they are not the ExCache's."""
+        say) are left alone: they are not the ExCache's. False if a page
+        could not be mapped because an event not yet read holds the mm
+        (EAGAIN): a fault there is served as usual, but where none can be,
+        read the events and call again."""
         lo, hi = addr & ~(PAGE - 1), addr + max(length, 1)
         want = []
         # (a comprehension: a guest has hundreds of regions, CPython's arenas)
@@ -802,7 +805,7 @@ class ExCache:
                 if page not in self.resident:
                     want.append(page)
         if not want:
-            return
+            return True
         for page in want:
             self.inflight.pop(page, None)  # fetched here: a readahead's copy would be stale later
         fetch = [p for p in want if p in self.stored]
@@ -810,6 +813,7 @@ class ExCache:
         for i in range(0, len(fetch), 4096):  # one round trip for a whole buffer
             chunk = fetch[i:i + 4096]
             datas.update(zip(chunk, self._fetch(chunk)))
+        complete = True
         for page in want:
             try:
                 if page in datas:
@@ -817,11 +821,13 @@ class ExCache:
                 else:
                     mapped = self.uffd.zero(page)
             except BlockingIOError:
-                continue  # the layout is changing: its fault is served as usual
+                complete = False  # the layout is changing
+                continue
             if mapped:
                 self.resident[page] = None
                 if datas.get(page) is not None:
                     self.prints[page] = PC.fingerprint(datas[page])
+        return complete
 
     def unpin(self, addr: int) -> None:
         self.pinned.discard(addr & ~(PAGE - 1))
@@ -904,22 +910,31 @@ class ExCache:
         stats.evictions += len(victims)
         self.manager.event(self.pid, "evict", min(victims), len(victims), "legorun", 0.0)
         runs = PC.run_list(victims)
-        if self.dropper and not stopped:
-            self._drop_by_thread(tracer, runs)
-            return
-        done = self._drop_all(tracer, tid, runs, set(victims)) if len(runs) > 1 else 0
-        refused, done = done < 0, max(done, 0)
-        for start, length in runs[done:]:
-            if self._madvise(tracer, tid, start, length) < 0:
-                # EINVAL: mlock()ed (VM_LOCKED). The pages stay, as natively,
-                # outside the ExCache's budget (never chosen again: not in its
-                # books); what was stored of them is never fetched while they
-                # stay, and is stored anew if they are evicted after munlock
-                stats.locked += length // PAGE
-            elif refused and self.drop_batched is None:
-                # madvise takes the run process_madvise refused: an older kernel
-                self.drop_batched = False
-            refused = False
+        # (a fault on a victim served while the drop runs would land before
+        # the kernel zaps the page, and be lost: such faults wait for its end;
+        # but not those of the thread that runs it: on its way back from the
+        # madvise the kernel updates its rseq area, which may be a victim)
+        self.dropping = set(victims)
+        self.drop_tid = tid if stopped else 0
+        try:
+            if self.dropper and not stopped:
+                self._drop_by_thread(tracer, runs)
+                return
+            done = self._drop_all(tracer, tid, runs, self.dropping) if len(runs) > 1 else 0
+            refused, done = done < 0, max(done, 0)
+            for start, length in runs[done:]:
+                if self._madvise(tracer, tid, start, length) < 0:
+                    # EINVAL: mlock()ed (VM_LOCKED). The pages stay, as natively,
+                    # outside the ExCache's budget (never chosen again: not in its
+                    # books); what was stored of them is never fetched while they
+                    # stay, and is stored anew if they are evicted after munlock
+                    stats.locked += length // PAGE
+                elif refused and self.drop_batched is None:
+                    # madvise takes the run process_madvise refused: an older kernel
+                    self.drop_batched = False
+                refused = False
+        finally:
+            self.dropping = set()
 
     def _drop_by_thread(self, tracer, runs: list) -> None:
         """Drop the runs through the dropper, IOV_MAX at a time; a run the

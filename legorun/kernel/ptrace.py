@@ -19,12 +19,15 @@ PTRACE_KILL = 8
 PTRACE_SINGLESTEP = 9
 PTRACE_GETREGS = 12
 PTRACE_SETREGS = 13
+PTRACE_DETACH = 17
 PTRACE_SYSCALL = 24
 PTRACE_SETOPTIONS = 0x4200
 PTRACE_GETEVENTMSG = 0x4201
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_LISTEN = 0x4208
+PTRACE_GETSIGMASK = 0x420A
+PTRACE_SETSIGMASK = 0x420B
 
 PTRACE_O_TRACESYSGOOD = 0x01
 PTRACE_O_TRACEFORK = 0x02
@@ -81,6 +84,24 @@ def singlestep(tid: int, sig: int = 0) -> None:
 
 def listen(tid: int) -> None:
     _check(_ptrace(PTRACE_LISTEN, tid, None, None), "PTRACE_LISTEN", tid)
+
+
+def detach(tid: int) -> None:
+    _check(_ptrace(PTRACE_DETACH, tid, None, None), "PTRACE_DETACH", tid)
+
+
+def getsigmask(tid: int) -> int:
+    """The stopped thread's blocked-signal mask (bit n-1: signal n)."""
+    mask = ctypes.c_uint64()
+    _check(_ptrace(PTRACE_GETSIGMASK, tid, ctypes.sizeof(mask), ctypes.addressof(mask)),
+           "PTRACE_GETSIGMASK", tid)
+    return mask.value
+
+
+def setsigmask(tid: int, mask: int) -> None:
+    value = ctypes.c_uint64(mask & (1 << 64) - 1)
+    _check(_ptrace(PTRACE_SETSIGMASK, tid, ctypes.sizeof(value), ctypes.addressof(value)),
+           "PTRACE_SETSIGMASK", tid)
 
 
 def interrupt(tid: int) -> None:

@@ -57,11 +57,8 @@ PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_ANONYMOUS = 0x01, 0x20
 MADV_DONTFORK = 10
 CLONE_THREAD_FLAGS = (0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000)  # VM FS FILES SIGHAND THREAD SYSVSEM
-PTRACE_DETACH = 17
-PTRACE_GETSIGMASK, PTRACE_SETSIGMASK = 0x420A, 0x420B
-NR_FUTEX = 202
+NR_FUTEX = NR["futex"]
 FUTEX_WAIT, FUTEX_WAKE = 0, 1      # shared futexes: legorun and the thread are two processes
-NR_TGKILL = 234
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _futex = _libc.syscall           # (releases the GIL: for waits that may be long)
@@ -98,7 +95,6 @@ class Dropper:
         refuses a step): the caller drops pages the old way."""
         saved = pt.getregs(tid)
         regs = pt.user_regs_struct()
-        mask = ctypes.c_uint64()
         base = view = None
         try:
             base = _inject(tracer, cache, tid, saved, regs, cache.insn, NR["mmap"],
@@ -119,22 +115,22 @@ class Dropper:
                 raise OSError("mprotect or madvise refused")
             # the clone runs the syscall at the start of the code page: the
             # new thread goes on from the next instruction, r12 its block
-            _sigmask(PTRACE_GETSIGMASK, tid, mask)
-            _sigmask(PTRACE_SETSIGMASK, tid, ctypes.c_uint64((1 << 64) - 1))
+            mask = pt.getsigmask(tid)
+            pt.setsigmask(tid, (1 << 64) - 1)
             try:
                 child = []
                 result = _inject(tracer, cache, tid, saved, regs, base, NR["clone"],
                                  CLONE_THREAD_FLAGS, base + SIZE, 0, 0, 0,
                                  r12=base + BLOCK, clone=child)
             finally:
-                _sigmask(PTRACE_SETSIGMASK, tid, mask)
+                pt.setsigmask(tid, mask)
             if result >= 1 << 63 or not child:
                 raise OSError(errno.EPERM, "clone refused")
             new = child[0]
             _, status = os.waitpid(new, pt.WALL)  # its first stop (it was traced at birth)
             tracer.stats.ptrace_stops += 1
             if os.WIFSTOPPED(status):
-                pt._check(pt._ptrace(PTRACE_DETACH, new, None, None), "PTRACE_DETACH", new)
+                pt.detach(new)
             dropper = cls(cache.pid, new, base, view)
             # a call over no range: the kernel takes process_madvise on the
             # calling thread (Linux 6.14+), or the dropper is of no use
@@ -193,7 +189,7 @@ class Dropper:
 
     def alive(self) -> bool:
         try:
-            pt.libc_syscall(NR_TGKILL, self.pid, self.tid, 0)
+            pt.libc_syscall(NR["tgkill"], self.pid, self.tid, 0)
             return True
         except OSError:
             return False
@@ -212,11 +208,6 @@ class Dropper:
         self.block = 0
         self.view.close()
         self.view = None
-
-
-def _sigmask(op: int, tid: int, mask: ctypes.c_uint64) -> None:
-    pt._check(pt._ptrace(op, tid, ctypes.c_void_p(8), ctypes.c_void_p(ctypes.addressof(mask))),
-              "PTRACE_SETSIGMASK" if op == PTRACE_SETSIGMASK else "PTRACE_GETSIGMASK", tid)
 
 
 def _inject(tracer, cache, tid: int, saved, regs, rip: int, nr: int, *args: int,

@@ -252,6 +252,26 @@ def test_submit_collect_and_control_ops_keep_issue_order(client, space):
     client.free_space(child)
 
 
+def test_an_express_fetch_overtakes_frames_in_flight_and_leaves_their_replies_intact(client, space):
+    """fetch(express=True) while frames are in flight goes on a stream of its
+    own (the caller vouches none of them stores its pages); the frames in
+    flight are collected afterwards as usual, in order."""
+    client.map(space, BASE, 4096 * P)
+    client.store(space, [(BASE + i * P, page(i)) for i in range(8)])
+    big = [(BASE + (64 + i) * P, page(i % 200)) for i in range(2048)]  # 8 MiB in flight
+    stores = [client.submit(space, big[i:i + 512]) for i in range(0, 2048, 512)]
+    ahead = client.submit(space, (), [BASE + i * P for i in range(8)], kind="readahead")
+    assert client.pending() >= 1
+    got = client.fetch(space, [BASE + 3 * P, BASE + 5 * P, BASE + 9 * P], express=True)
+    assert got == [page(3), page(5), None]
+    assert client._express is not None  # (it did take the second stream)
+    assert [client.collect(t) for t in stores] == [[]] * 4
+    assert client.collect(ahead) == [page(i) for i in range(8)]
+    got = client.fetch(space, [BASE + 64 * P, BASE + 2111 * P], express=True)  # nothing in flight
+    assert got == [page(0), page(2047 % 200)]
+    assert client.pending() == 0 and client.stats()["fetch"]["count"] == 2
+
+
 # -- capabilities, capacity, leases ------------------------------------------------
 
 def test_clients_only_touch_their_own_spaces(shared, client, space):

@@ -132,6 +132,8 @@ class ExCache:
         self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDWR)
         self.pagemap = PM.Scanner(os.open(f"/proc/{pid}/pagemap", os.O_RDONLY))
         self.writebacks: list = []                   # store tickets not yet collected
+        self.storing: dict = {}                      # page -> the newest of those tickets storing it
+        self.stores: dict = {}                       # ticket -> the pages it stores
         self.unmaps: list = []                       # [start, end) unmaps not sent yet (_put_off_unmap)
         self.streams: list = []                      # [start, end, window, continued, down, origin, leap] of recent fetches, newest last
         self.leaps = deque(maxlen=LEAPS)             # how far recent misses that started a stream were from where streams began (_leap)
@@ -473,12 +475,16 @@ class ExCache:
         return True
 
     def _fetch(self, pages: list, views: bool = False) -> list:
-        """Fetch these pages now. The write-backs in flight were sent before
-        this fetch and their replies came before its reply: they are
-        collected (no wait) before any page is mapped, so that a refused one
-        fails here instead of its pages reading as zeros."""
-        datas = self.remote(fetching=True).fetch(self.space, pages, views=views)
-        self.collect_writebacks()
+        """Fetch these pages now. If no write-back in flight stores any of
+        them, the fetch overtakes the frames in flight (MemoryClient's
+        express fetch). Otherwise it follows them: their replies come before
+        its reply and are collected (no wait) before any page is mapped, so
+        that a refused one fails here instead of its pages reading as zeros."""
+        express = bool(self.writebacks) and self.storing.keys().isdisjoint(pages)
+        datas = self.remote(fetching=True).fetch(self.space, pages, views=views,
+                                                 express=express or not self.writebacks)
+        if not express:
+            self.collect_writebacks()
         return datas
 
     def _readahead(self, page: int, hint: tuple | None = None, fetching: bool = True) -> tuple:
@@ -885,7 +891,12 @@ class ExCache:
             # off the fault path: the reply is collected WRITEBACKS_AHEAD
             # evictions later, or at the next fetch (_fetch, _arrived); the
             # server applies frames in order, so a later fetch sees them
-            self.writebacks.append(client.submit(self.space, stores=stores, kind="store"))
+            ticket = client.submit(self.space, stores=stores, kind="store")
+            self.writebacks.append(ticket)
+            self.stores[ticket] = addrs
+            storing = self.storing
+            for page in addrs:
+                storing[page] = ticket
             stats.writebacks += len(stores)
         # the books first: a victim that faults while it is being dropped is
         # served from what was just stored
@@ -1049,7 +1060,11 @@ class ExCache:
             return
         client = self.manager.client()
         tickets, self.writebacks = wb[:cut], wb[cut:]
+        storing = self.storing
         for ticket in tickets:
+            for page in self.stores.pop(ticket, ()):
+                if storing.get(page) == ticket:
+                    del storing[page]
             client.collect(ticket)
 
     def _madvise(self, tracer, tid: int, start: int, length: int) -> int:

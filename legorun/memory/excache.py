@@ -44,6 +44,9 @@ LEAPS = 8                   # leaps remembered
 LEAP_FROM = 3               # a leap is from one of the streams of the last this many misses
 WRITEBACKS_AHEAD = 4        # write-backs in flight at once (a refusal surfaces at most this many later)
 ZERO_AROUND = 256            # pages zero-filled with a missed one while the ExCache has room
+PRINT_WINDOW = 2048         # fingerprinted victims per look at whether fingerprints pay
+PRINT_MIN_HITS = 0.05       # the share of them found unchanged below which they do not
+PRINT_PAUSE = 8             # windows' worth of fetched pages then left without one
 NR_MADVISE = 28
 NR_PROCESS_MADVISE = 440
 PIDFD_SELF_THREAD = -10000  # Linux 6.14+: "the calling thread" for pidfd arguments
@@ -125,6 +128,11 @@ class ExCache:
         # leaves the ExCache or the mComponent's copy changes (store, discard,
         # unmap, remap), so a page never zero-filled or moved meanwhile has one.
         self.prints: dict = {}
+        # (a read-only scan never writes what it fetched: fingerprints only
+        # cost it, ~0.5 us a page; they are taken while they pay: evict)
+        self.printing = True
+        self.print_seen = self.print_hits = 0        # fingerprinted victims, and unchanged ones
+        self.print_resume = 0                        # fetched pages to go before printing again
         self.ghost: OrderedDict = OrderedDict()      # recently evicted pages, oldest first (2Q)
         self.hot: OrderedDict = OrderedDict()        # resident pages that faulted again soon (2Q)
         self.sharers: dict = {}                      # vfork child tid -> its blocked parent tid
@@ -439,7 +447,7 @@ class ExCache:
                 self.uffd.copy(page, ZERO if first is None else bytes(first),
                                wp=not write)  # EEXIST: it is there
                 self.resident[page] = None
-                if first is not None:
+                if first is not None and self._printing(len(group)):
                     self.prints[page] = PC.fingerprint(first)
                 rest = [(p, d) for p, d in zip(group[1:], datas[1:])
                         if p not in self.resident and p in self.stored]  # else changed meanwhile
@@ -473,6 +481,30 @@ class ExCache:
             self._send_ahead(later)
         self.manager.fault_done(self, page, len(group), stored, time.perf_counter() - began)
         return True
+
+    def _printing(self, fetched: int) -> bool:
+        """Whether the `fetched` pages being mapped get fingerprints (a
+        pause after fingerprints did not pay ends after PRINT_PAUSE
+        windows' worth of fetched pages)."""
+        if not self.printing:
+            self.print_resume -= fetched
+            if self.print_resume <= 0:
+                self.printing = True
+        return self.printing
+
+    def _prints_paid(self, printed: int, unchanged: int) -> None:
+        """An eviction met `printed` fingerprinted victims, `unchanged` of
+        them written back to their fetched bytes: every PRINT_WINDOW of them,
+        fingerprints pause if fewer than PRINT_MIN_HITS were."""
+        if not printed:
+            return
+        self.print_seen += printed
+        self.print_hits += unchanged
+        if self.print_seen >= PRINT_WINDOW:
+            if self.print_hits < PRINT_MIN_HITS * self.print_seen:
+                self.printing = False
+                self.print_resume = PRINT_PAUSE * PRINT_WINDOW
+            self.print_seen = self.print_hits = 0
 
     def _fetch(self, pages: list, views: bool = False) -> list:
         """Fetch these pages now. If no write-back in flight stores any of
@@ -664,7 +696,7 @@ class ExCache:
         if not pages:
             return
         done, _ = PC.install(self.uffd.fd, [p for p, _ in pages], [d for _, d in pages], True,
-                             self.prints)
+                             self.prints if self.printing else None)
         resident, ahead = self.resident, self.ahead
         for p in done:
             resident[p] = None
@@ -831,7 +863,7 @@ class ExCache:
                 continue
             if mapped:
                 self.resident[page] = None
-                if datas.get(page) is not None:
+                if datas.get(page) is not None and self.printing:
                     self.prints[page] = PC.fingerprint(datas[page])
         return complete
 
@@ -866,6 +898,7 @@ class ExCache:
         # CPython raises and lowers reference counts in a pass over objects)
         addrs, data, read_zeros, read_gone, same = PC.read_pages(self.pid, self.mem_fd, need,
                                                                  self.prints)
+        self._prints_paid(sum(1 for p in victims if p in self.prints), len(same))
         zeros += read_zeros
         gone += read_gone
         stores = memwire.Pages(addrs, data)

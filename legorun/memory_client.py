@@ -355,14 +355,22 @@ class MemoryClient(ComponentClient):
                                         failed=[a for a, _ in failed], results=results)
         return results
 
-    def _round_trip(self, space: bytes, stores, fetch_addrs, op: str, views: bool = False) -> list:
+    def _round_trip(self, space: bytes, stores, fetch_addrs, op: str, views: bool = False,
+                    express: bool = False) -> list:
         with self._lock:
-            stream = self._pages
-            if stream is None or self._pending:
-                return self._result(self._send_frame(space, stores, fetch_addrs, op), op, views)
-            # The fault path: nothing in flight, so the next reply is ours.
-            # All bookkeeping happens before the send or after the reply:
-            # Python work while the round trip runs delays gRPC's threads.
+            if express and self._pending and self._pages is not None:
+                # frames in flight, none storing these pages: overtake them
+                if self._express is None:
+                    self._express = _Stream(self._get_channel(), self._metadata, METHOD_PAGES)
+                stream, fail = self._express, self._fail_express
+            else:
+                stream, fail = self._pages, self._fail_pages
+                if stream is None or self._pending:
+                    return self._result(self._send_frame(space, stores, fetch_addrs, op), op, views)
+            # The fault path: nothing in flight on this stream, so the next
+            # reply is ours. All bookkeeping happens before the send or after
+            # the reply: Python work while the round trip runs delays gRPC's
+            # threads.
             if len(stores) > memwire.MAX_PAGES or len(fetch_addrs) > memwire.MAX_PAGES:
                 raise ValueError(f"at most {memwire.MAX_PAGES} pages to store and to fetch per message")
             rid = self._next_id
@@ -381,17 +389,26 @@ class MemoryClient(ComponentClient):
                 raw = next(stream.responses)
             except grpc.RpcError as e:
                 row[0] += 1
-                raise self._fail_pages(e) from None
+                raise fail(e) from None
             except StopIteration:
                 row[0] += 1
-                raise self._fail_pages(None) from None
+                raise fail(None) from None
             row[2] += time.perf_counter() - start
             row[0] += 1
             row[3] += len(frame)
             row[4] += len(raw)
             if len(raw) < REP.size or REP.unpack_from(raw)[0] != rid:
-                raise self._fail_pages(None, f"protocol error: unexpected page reply for {rid}")
+                raise fail(None, f"protocol error: unexpected page reply for {rid}")
             return self._parse(raw, op, row, addrs, len(fetch_addrs), views)
+
+    def _fail_express(self, err: grpc.RpcError | None, reason: str | None = None) -> ComponentError:
+        """The express stream failed: it alone goes (the frames in flight on
+        the other one are not its)."""
+        self._express.close()
+        self._express = None
+        if err is not None:
+            return self._error(_reason(err), err.code() if hasattr(err, "code") else None)
+        return self._error(reason or "page stream closed by the server")
 
     def fetch(self, space: bytes, addrs: Sequence[int], views: bool = False,
               express: bool = False) -> list:
@@ -400,42 +417,7 @@ class MemoryClient(ComponentClient):
         ``views``, memoryviews of the reply (see collect). With ``express``,
         the caller knows that no frame in flight stores any of these pages:
         the fetch overtakes the frames in flight (see the module's ordering)."""
-        if express and self._pending and self._pages is not None:
-            return self._express_fetch(space, addrs, views)
-        return self._round_trip(space, (), addrs, "fetch", views)
-
-    def _express_fetch(self, space: bytes, addrs: Sequence[int], views: bool) -> list:
-        if len(addrs) > memwire.MAX_PAGES:
-            raise ValueError(f"at most {memwire.MAX_PAGES} pages to fetch per message")
-        with self._lock:
-            rid = self._next_id
-            self._next_id += 1
-            frame = memwire.request(rid, space, 0, (), (), addrs)
-            row = self._row("fetch")
-            start = time.perf_counter()
-            try:
-                if self._express is None:
-                    self._express = _Stream(self._get_channel(), self._metadata, METHOD_PAGES)
-                self._express.requests.put(frame)
-                raw = next(self._express.responses)
-            except (grpc.RpcError, StopIteration) as e:
-                row[0] += 1
-                row[1] += 1
-                if self._express is not None:
-                    self._express.close()
-                    self._express = None
-                if isinstance(e, grpc.RpcError):
-                    raise self._error(_reason(e), e.code() if hasattr(e, "code") else None) from None
-                raise self._error("page stream closed by the server") from None
-            row[0] += 1
-            row[2] += time.perf_counter() - start
-            row[3] += len(frame)
-            row[4] += len(raw)
-            if len(raw) < REP.size or REP.unpack_from(raw)[0] != rid:
-                self._express.close()
-                self._express = None
-                raise self._error(f"protocol error: unexpected page reply for {rid}")
-            return self._parse(raw, "fetch", row, (), len(addrs), views)
+        return self._round_trip(space, (), addrs, "fetch", views, express)
 
     def store(self, space: bytes, pages: Sequence[tuple[int, bytes]]) -> None:
         """Write back (address, 4096 bytes) pairs (at most 4096) in one

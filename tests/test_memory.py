@@ -425,29 +425,34 @@ THREADS_C = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/mman.h>
+/* threads MB PASSES [ROUNDS=1]: each round, 4 threads write and check their
+   quarter of the buffer PASSES times, then exit and are joined. */
 #define T 4
 static unsigned char *p;
 static size_t per;
 static int passes;
 static unsigned char val(size_t i, int pass) { return (unsigned char)((i >> 6) * 7 + pass); }
 static void *work(void *arg) {
-    size_t lo = (size_t)arg * per, bad = 0;
-    for (int pass = 0; pass < passes; pass++) {
+    size_t lo = ((size_t)arg % T) * per, bad = 0;
+    int first = (int)((size_t)arg / T) * passes;
+    for (int pass = first; pass < first + passes; pass++) {
         for (size_t i = lo; i < lo + per; i += 64) p[i] = val(i, pass);
         for (size_t i = lo; i < lo + per; i += 64) bad += p[i] != val(i, pass);
     }
     return (void *)bad;
 }
 int main(int argc, char **argv) {
-    size_t n = (size_t)atoi(argv[1]) << 20;
+    size_t n = (size_t)atoi(argv[1]) << 20, rounds = argc > 3 ? atoi(argv[3]) : 1, bad = 0;
     passes = atoi(argv[2]);
     per = n / T;
     p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    pthread_t th[T];
-    for (long i = 0; i < T; i++) pthread_create(&th[i], NULL, work, (void *)i);
-    size_t bad = 0;
-    for (int i = 0; i < T; i++) { void *r; pthread_join(th[i], &r); bad += (size_t)r; }
-    for (size_t i = 0; i < n; i += 64) bad += p[i] != val(i, passes - 1);  /* after the joins */
+    for (size_t r = 0; r < rounds; r++) {
+        pthread_t th[T];
+        for (size_t i = 0; i < T; i++) pthread_create(&th[i], NULL, work, (void *)(r * T + i));
+        for (int i = 0; i < T; i++) { void *v; pthread_join(th[i], &v); bad += (size_t)v; }
+    }
+    int last = (int)(rounds * passes) - 1;
+    for (size_t i = 0; i < n; i += 64) bad += p[i] != val(i, last);  /* after the joins */
     printf("bad %zu\n", bad);
     return bad != 0;
 }
@@ -467,45 +472,14 @@ def test_threads_faulting_at_once_keep_every_byte_and_stay_remote(mcomponent, tm
     assert _held(mcomponent) == (0, 0)
 
 
-CHURN_C = r"""
-#include <pthread.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <sys/mman.h>
-/* Rounds of 4 threads that each write and check their quarter of a buffer
-   8x the ExCache, then exit: each exit has the kernel clear the thread's tid
-   word (pthread_join waits for it; no fault can be served by then) while
-   glibc discards the stacks of the threads before it (MADV_DONTNEED) and
-   the others fault and are evicted. */
-#define T 4
-static unsigned char *p;
-static size_t per;
-static void *work(void *arg) {
-    size_t lo = ((size_t)arg % T) * per, bad = 0, round = (size_t)arg / T;
-    for (size_t i = lo; i < lo + per; i += 256) p[i] = (unsigned char)(i * 3 + round);
-    for (size_t i = lo; i < lo + per; i += 256) bad += p[i] != (unsigned char)(i * 3 + round);
-    return (void *)bad;
-}
-int main(int argc, char **argv) {
-    size_t n = (size_t)atoi(argv[1]) << 20, rounds = atoi(argv[2]), bad = 0;
-    per = n / T;
-    p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    for (size_t r = 0; r < rounds; r++) {
-        pthread_t th[T];
-        for (size_t i = 0; i < T; i++) pthread_create(&th[i], NULL, work, (void *)(r * T + i));
-        for (int i = 0; i < T; i++) { void *v; pthread_join(th[i], &v); bad += (size_t)v; }
-    }
-    printf("bad %zu\n", bad);
-    return bad != 0;
-}
-"""
-
-
 def test_threads_that_exit_while_others_fault_and_are_evicted_are_joined(mcomponent, tmp_path):
-    exe = compile_c(tmp_path, "churn", CHURN_C, flags=("-pthread",))
-    # (before the fix, 3 runs in 4 hung in pthread_join: an exited thread's
-    # tid word was on a page that could not be mapped for an event not read)
-    r = legorun([exe, "4", "40"], stats_file=tmp_path / "s.json", timeout=120,
+    """Rounds of threads that exit while the others fault and are evicted:
+    each exit has the kernel clear the thread's tid word (pthread_join waits
+    for it; no fault can be served by then) while glibc discards the stacks
+    of the threads before it (MADV_DONTNEED). Before the fix 3 runs in 4 hung
+    in pthread_join: that page could not be mapped for an event not read."""
+    exe = compile_c(tmp_path, "threads", THREADS_C, flags=("-pthread",))
+    r = legorun([exe, "4", "1", "40"], stats_file=tmp_path / "s.json", timeout=120,
                 options=("--mem", mcomponent, "--excache", "1M"))
     assert r.returncode == 0, r.stderr
     assert r.stdout == "bad 0\n"

@@ -512,9 +512,8 @@ class ExCache:
         express fetch). Otherwise it follows them: their replies come before
         its reply and are collected (no wait) before any page is mapped, so
         that a refused one fails here instead of its pages reading as zeros."""
-        express = bool(self.writebacks) and self.storing.keys().isdisjoint(pages)
-        datas = self.remote(fetching=True).fetch(self.space, pages, views=views,
-                                                 express=express or not self.writebacks)
+        express = self.storing.keys().isdisjoint(pages)
+        datas = self.remote(fetching=True).fetch(self.space, pages, views=views, express=express)
         if not express:
             self.collect_writebacks()
         return datas

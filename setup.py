@@ -61,5 +61,7 @@ setup(
     ext_modules=[Extension("legorun._ext.fastloop", ["legorun/_ext/fastloop.c"],
                            extra_compile_args=["-O2"]),
                  Extension("legorun._ext.pagecore", ["legorun/_ext/pagecore.c"],
-                           extra_compile_args=["-O2"])],
+                           extra_compile_args=["-O2"]),
+                 Extension("legorun._ext.h2stream", ["legorun/_ext/h2stream.c"],
+                           extra_compile_args=["-O2", "-pthread"], extra_link_args=["-pthread"])],
 )

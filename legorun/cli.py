@@ -158,6 +158,8 @@ def report(session, args) -> None:
         stats["excache"] = dict(session.memory.stats.as_dict(),
                                 capacity_pages=session.memory.capacity)
         stats["excache_loops"] = pagecore.IMPLEMENTATION  # "C", or "Python" (the reference)
+        if session.memory.page_stream() is not None:  # "legorun" (pagestream) or "grpcio"
+            stats["page_stream"] = session.memory.page_stream()
         stats["faults"] = session.memory.stats.faults
         stats["timeline"] = session.memory.timeline
         stats["fault_latency_us"] = [round(x * 1e6, 1) for x in session.memory.latencies.samples]

@@ -1,7 +1,9 @@
 """The launcher's client for the mComponent (service legorun.memory.v1.Memory).
 
-Two lazily opened long-lived bidi streams: ``Call`` (protobuf) for spaces
-and regions, ``Pages`` (raw frames, legorun/memwire.py) for page data.
+Two lazily opened long-lived bidi streams: ``Call`` (protobuf, through
+grpcio) for spaces and regions, ``Pages`` (raw frames, legorun/memwire.py)
+for page data, on legorun's own HTTP/2 stream (legorun/pagestream.py) where
+it can serve, else through grpcio.
 protos/memory.proto states the semantics; this module adds:
 
 * identity: a random 128-bit client id sent as metadata ``legorun-client``
@@ -41,11 +43,12 @@ from typing import Sequence
 
 import grpc
 
-from legorun import memwire
+from legorun import memwire, pagestream
 from legorun.errors import ComponentError
 from legorun.memwire import PAGE_SIZE, REP
 from legorun.proto import memory_pb2 as pb
 from legorun.grpc_base import ComponentClient, _reason
+from legorun.pagestream import StreamBroken
 
 METHOD_CALL = "/legorun.memory.v1.Memory/Call"
 METHOD_STATUS = "/legorun.memory.v1.Memory/Status"
@@ -82,8 +85,9 @@ def _identity(b: bytes) -> bytes:
 
 
 class _Stream:
-    """One open bidi stream: a queue feeding gRPC's request iterator, and
-    the response iterator read by the caller."""
+    """One open bidi stream through grpcio: a queue feeding gRPC's request
+    iterator, and the response iterator read by the caller. As a page
+    stream it has pagestream.PageStream's send()/recv()."""
 
     def __init__(self, channel: grpc.Channel, metadata, method: str):
         self.requests: queue.SimpleQueue = queue.SimpleQueue()
@@ -93,6 +97,17 @@ class _Stream:
         # then runs no Python bytecode per request (about 20 us less per
         # round trip, measured: that thread competes for the GIL).
         self.responses = call(iter(self.requests.get, _END), metadata=metadata)
+
+    def send(self, parts) -> None:
+        self.requests.put(b"".join(parts))
+
+    def recv(self) -> bytes:
+        try:
+            return next(self.responses)
+        except grpc.RpcError as e:
+            raise StreamBroken(_reason(e), e.code() if hasattr(e, "code") else None) from None
+        except StopIteration:
+            raise StreamBroken("page stream closed by the server") from None
 
     def close(self) -> None:
         self.requests.put(_END)
@@ -112,6 +127,7 @@ class MemoryClient(ComponentClient):
         self._call: _Stream | None = None
         self._pages: _Stream | None = None
         self._express: _Stream | None = None   # fetches that overtake the frames in flight
+        self.page_stream: str | None = None    # "legorun" or "grpcio": the last Pages stream opened
         self._lock = threading.Lock()
         self._next_id = 1
         self._seq = 0
@@ -132,7 +148,16 @@ class MemoryClient(ComponentClient):
             self._call = None
         return self._error(_reason(err), err.code() if hasattr(err, "code") else None)
 
-    def _fail_pages(self, err: grpc.RpcError | None, reason: str | None = None) -> ComponentError:
+    def _open_pages(self):
+        """A new Pages stream: legorun's own (pagestream) where it can serve,
+        else grpcio's."""
+        if pagestream.available(bool(self._tls_ca)):
+            self.page_stream = "legorun"
+            return pagestream.PageStream(self.address, METHOD_PAGES, self._metadata)
+        self.page_stream = "grpcio"
+        return _Stream(self._get_channel(), self._metadata, METHOD_PAGES)
+
+    def _fail_pages(self, reason: str, code=None) -> ComponentError:
         if self._pages is not None:
             self._pages.close()
             self._pages = None
@@ -141,9 +166,7 @@ class MemoryClient(ComponentClient):
             self._info.pop(rid, None)
         self._pending.clear()
         self._forgotten.clear()
-        if err is not None:
-            return self._error(_reason(err), err.code() if hasattr(err, "code") else None)
-        return self._error(reason or "page stream closed by the server")
+        return self._error(reason, code)
 
     def _row(self, op: str) -> list:
         row = self._stats.get(op)
@@ -266,19 +289,19 @@ class MemoryClient(ComponentClient):
             self._seq += 1
             seq = self._seq
             addrs, datas = memwire.split_stores(stores)
-            frame = memwire.request(rid, space, seq, addrs, datas, fetch_addrs)
+            parts = memwire.request_parts(rid, space, seq, addrs, datas, fetch_addrs)
         else:
             addrs = ()
-            frame = memwire.request(rid, space, 0, (), (), fetch_addrs)
+            parts = memwire.request_parts(rid, space, 0, (), (), fetch_addrs)
         row = self._row(op)
         try:
             if self._pages is None:
-                self._pages = _Stream(self._get_channel(), self._metadata, METHOD_PAGES)
-            self._pages.requests.put(frame)
-        except grpc.RpcError as e:
-            raise self._fail_pages(e) from None
+                self._pages = self._open_pages()
+            self._pages.send(parts)
+        except StreamBroken as e:
+            raise self._fail_pages(e.reason, e.code) from None
         row[0] += 1
-        row[3] += len(frame)
+        row[3] += memwire.parts_size(parts)
         self._pending[rid] = (space, time.perf_counter(), row)
         self._info[rid] = (addrs, len(fetch_addrs), row)
         return rid
@@ -286,15 +309,13 @@ class MemoryClient(ComponentClient):
     def _receive(self) -> int:
         """Read one reply from the page stream into the stash (lock held)."""
         try:
-            raw = next(self._pages.responses)
-        except grpc.RpcError as e:
-            raise self._fail_pages(e) from None
-        except StopIteration:
-            raise self._fail_pages(None) from None
+            raw = self._pages.recv()
+        except StreamBroken as e:
+            raise self._fail_pages(e.reason, e.code) from None
         rid = REP.unpack_from(raw)[0] if len(raw) >= REP.size else -1
         sent = self._pending.pop(rid, None)
         if sent is None:
-            raise self._fail_pages(None, f"protocol error: unexpected page reply {rid}")
+            raise self._fail_pages(f"protocol error: unexpected page reply {rid}")
         row = sent[2]
         row[2] += time.perf_counter() - sent[1]
         row[4] += len(raw)
@@ -334,16 +355,24 @@ class MemoryClient(ComponentClient):
         results: list = []
         if nf:
             off = base + ns + nf
-            data = memoryview(raw) if views else raw
-            for st in raw[base + ns:base + ns + nf]:
-                if st == 0:
-                    results.append(data[off:off + PAGE_SIZE])
-                    off += PAGE_SIZE
-                else:
-                    results.append(None)
+            if views:
+                data = memoryview(raw)
+                for st in bytes(raw[base + ns:base + ns + nf]):
+                    if st == 0:
+                        results.append(data[off:off + PAGE_SIZE])
+                        off += PAGE_SIZE
+                    else:
+                        results.append(None)
+            else:  # pages of their own (bytes() of a bytes slice is that slice)
+                for st in bytes(raw[base + ns:base + ns + nf]):
+                    if st == 0:
+                        results.append(bytes(raw[off:off + PAGE_SIZE]))
+                        off += PAGE_SIZE
+                    else:
+                        results.append(None)
         row[5] += len(addrs) + nf
         if ns:
-            status = raw[base:base + ns]
+            status = bytes(raw[base:base + ns])
             if status.count(0) != ns:
                 failed = [(a, s) for a, s in zip(addrs, status) if s not in (0, memwire.STALE)]
                 if failed:
@@ -361,7 +390,10 @@ class MemoryClient(ComponentClient):
             if express and self._pending and self._pages is not None:
                 # frames in flight, none storing these pages: overtake them
                 if self._express is None:
-                    self._express = _Stream(self._get_channel(), self._metadata, METHOD_PAGES)
+                    try:
+                        self._express = self._open_pages()
+                    except StreamBroken as e:
+                        raise self._error(e.reason, e.code) from None
                 stream, fail = self._express, self._fail_express
             else:
                 stream, fail = self._pages, self._fail_pages
@@ -378,37 +410,32 @@ class MemoryClient(ComponentClient):
             if stores:
                 self._seq += 1
                 addrs, datas = memwire.split_stores(stores)
-                frame = memwire.request(rid, space, self._seq, addrs, datas, fetch_addrs)
+                parts = memwire.request_parts(rid, space, self._seq, addrs, datas, fetch_addrs)
             else:
                 addrs = ()
-                frame = memwire.request(rid, space, 0, (), (), fetch_addrs)
+                parts = memwire.request_parts(rid, space, 0, (), (), fetch_addrs)
             row = self._row(op)
             start = time.perf_counter()
             try:
-                stream.requests.put(frame)
-                raw = next(stream.responses)
-            except grpc.RpcError as e:
+                stream.send(parts)
+                raw = stream.recv()
+            except StreamBroken as e:
                 row[0] += 1
-                raise fail(e) from None
-            except StopIteration:
-                row[0] += 1
-                raise fail(None) from None
+                raise fail(e.reason, e.code) from None
             row[2] += time.perf_counter() - start
             row[0] += 1
-            row[3] += len(frame)
+            row[3] += memwire.parts_size(parts)
             row[4] += len(raw)
             if len(raw) < REP.size or REP.unpack_from(raw)[0] != rid:
-                raise fail(None, f"protocol error: unexpected page reply for {rid}")
+                raise fail(f"protocol error: unexpected page reply for {rid}")
             return self._parse(raw, op, row, addrs, len(fetch_addrs), views)
 
-    def _fail_express(self, err: grpc.RpcError | None, reason: str | None = None) -> ComponentError:
+    def _fail_express(self, reason: str, code=None) -> ComponentError:
         """The express stream failed: it alone goes (the frames in flight on
         the other one are not its)."""
         self._express.close()
         self._express = None
-        if err is not None:
-            return self._error(_reason(err), err.code() if hasattr(err, "code") else None)
-        return self._error(reason or "page stream closed by the server")
+        return self._error(reason, code)
 
     def fetch(self, space: bytes, addrs: Sequence[int], views: bool = False,
               express: bool = False) -> list:

@@ -87,15 +87,25 @@ def split_stores(stores) -> tuple:
     return [a for a, _ in stores], [d for _, d in stores]
 
 
-def request(rid: int, space: bytes, seq: int, store_addrs, store_data, fetch_addrs) -> bytes:
-    """One request frame. ``store_data``: bytes-like pieces that together
-    hold the pages of ``store_addrs`` in order (one PAGE_SIZE piece per page,
-    or a single block)."""
+def request_parts(rid: int, space: bytes, seq: int, store_addrs, store_data,
+                  fetch_addrs) -> tuple:
+    """One request frame as the bytes-like parts it is made of, in order.
+    ``store_data``: pieces that together hold the pages of ``store_addrs``
+    in order (one PAGE_SIZE piece per page, or a single block)."""
     ns, nf = len(store_addrs), len(fetch_addrs)
-    return b"".join((REQ.pack(rid, OP_PAGES, 0, 0, space, seq, ns, nf),
-                     pack_addrs(store_addrs) if ns else b"",
-                     pack_addrs(fetch_addrs) if nf else b"",
-                     *store_data))
+    return (REQ.pack(rid, OP_PAGES, 0, 0, space, seq, ns, nf),
+            pack_addrs(store_addrs) if ns else b"",
+            pack_addrs(fetch_addrs) if nf else b"",
+            *store_data)
+
+
+def parts_size(parts) -> int:
+    return sum(map(len, parts))
+
+
+def request(rid: int, space: bytes, seq: int, store_addrs, store_data, fetch_addrs) -> bytes:
+    """One request frame, joined."""
+    return b"".join(request_parts(rid, space, seq, store_addrs, store_data, fetch_addrs))
 
 
 def parse_size(text: str) -> int:

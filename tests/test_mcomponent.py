@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hst
 
-from legorun import memwire
+from legorun import memwire, pagestream
 from legorun.errors import ComponentError
 from legorun.memory_client import MemoryClient, MemoryRefused
 from legorun.proto import memory_pb2 as pb
@@ -452,12 +452,17 @@ def test_tcp_requires_the_token(tmp_path):
             with pytest.raises(ComponentError) as e:
                 within(10, c.create_space)
             assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(ComponentError) as e:  # the page stream is refused alike
+                within(10, lambda: c.fetch(b"\0" * 16, [BASE]))
+            assert e.value.code == grpc.StatusCode.UNAUTHENTICATED, e.value
+            assert "unauthenticated" in str(e.value) and "\n" not in str(e.value)
             c.close()
         c = MemoryClient(server.address, token="s3cret")
         sid = c.create_space()
         c.map(sid, BASE, P)
         c.store(sid, [(BASE, page(4))])
         assert c.fetch(sid, [BASE]) == [page(4)]
+        assert c.page_stream == ("legorun" if pagestream.available(False) else "grpcio")
         c.close()
     finally:
         server.stop()

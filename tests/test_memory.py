@@ -94,20 +94,27 @@ def _run_within_1m(mcomponent, tmp_path, exe, *args, env=None):
     assert out == "bad 0\n"
     assert 0 < peak <= 1024 + 1024, peak
     stats = json.loads((tmp_path / "s.json").read_text())
-    return dict(stats["excache"], loops=stats["excache_loops"])
+    return dict(stats["excache"], loops=stats["excache_loops"], stream=stats.get("page_stream"))
 
 
-@pytest.mark.parametrize("loops", ["C", "Python"])
+@pytest.mark.parametrize("loops,stream", [("C", "legorun"), ("C", "grpcio"), ("Python", "grpcio")])
 def test_guest_writing_8x_the_excache_reads_back_every_byte_within_the_bound(
-        mcomponent, tmp_path, loops):
+        mcomponent, tmp_path, loops, stream):
     # the ExCache's per-page loops in C (legorun/_ext/pagecore.c) and in
-    # their pure-Python reference (LEGORUN_NO_FASTPATH=1)
+    # their pure-Python reference (LEGORUN_NO_FASTPATH=1, which also takes
+    # grpcio's page stream); legorun's page stream (legorun/_ext/h2stream.c)
+    # and grpcio's (LEGORUN_PAGE_STREAM=grpc)
     env = {"LEGORUN_NO_FASTPATH": "1"} if loops == "Python" else None
     if loops == "C":
         pytest.importorskip("legorun._ext.pagecore")  # (built where a compiler was found)
+        if stream == "legorun":
+            pytest.importorskip("legorun._ext.h2stream")
+        else:
+            env = {"LEGORUN_PAGE_STREAM": "grpc"}
     ex = _run_within_1m(mcomponent, tmp_path, compile_c(tmp_path, "pattern", PATTERN_C), "8", "3",
                         env=env)
-    assert ex["loops"] == loops  # (the implementation asked for is the one that ran)
+    # (the implementations asked for are the ones that ran)
+    assert (ex["loops"], ex["stream"]) == (loops, stream)
     assert ex["evictions"] > 0 and ex["fetches"] > 0 and ex["zero_fills"] >= 2048
     # (the README's slack: pages served while an eviction waits for the thread
     # to stop, at most one batch: 32 pages at this size)

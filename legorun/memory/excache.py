@@ -1291,6 +1291,10 @@ class MemoryManager:
             self._client = self._connect()
         return self._client
 
+    def page_stream(self) -> str | None:
+        """Which Pages stream the run used ("legorun" or "grpcio"), None if none."""
+        return self._client.page_stream if self._client is not None else None
+
     def add(self, cache: ExCache) -> None:
         self.by_fd[cache.uffd.fd] = cache
         self.stats.processes += 1

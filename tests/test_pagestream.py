@@ -1,0 +1,92 @@
+"""legorun's own page stream (legorun/pagestream.py, legorun/_ext/h2stream.c)
+against a real mComponent, beside grpcio's stream that it replaces."""
+from __future__ import annotations
+
+import signal
+import time
+
+import hpack
+import pytest
+
+from conftest import within
+from legorun import pagestream
+from legorun.errors import ComponentError
+from legorun.memory_client import MemoryClient
+from test_mcomponent import Server, page
+
+P = 4096
+BASE = 0x7F0000000000
+
+pytest.importorskip("legorun._ext.h2stream")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(f"unix:{tmp_path_factory.mktemp('ps')}/m.sock", "--capacity", "512M")
+    yield s
+    s.stop()
+
+
+def test_the_request_headers_are_a_block_hpack_reads_back():
+    md = (("legorun-client", "c" * 200), ("authorization", "Bearer " + "t" * 130))
+    block = pagestream.header_block("/legorun.memory.v1.Memory/Pages", "localhost", md)
+    assert hpack.Decoder().decode(block) == [
+        (":method", "POST"), (":scheme", "http"), (":path", "/legorun.memory.v1.Memory/Pages"),
+        (":authority", "localhost"), ("content-type", "application/grpc"), ("te", "trailers"),
+        ("user-agent", "legorun-pages/1"), *md]
+
+
+@pytest.mark.parametrize("stream", ["legorun", "grpcio"])
+def test_frames_past_every_window_and_many_in_flight_keep_every_page(server, monkeypatch, stream):
+    # The server opens 4 MiB windows and takes 4 MiB frames: a 16 MiB store,
+    # a 16 MiB fetch and 48 frames in flight cross both many times over.
+    monkeypatch.setenv(pagestream.ENV, "c" if stream == "legorun" else "grpc")
+    c = MemoryClient(server.address)
+    try:
+        sid = c.create_space()
+        n = 4096
+        c.map(sid, BASE, n * P)
+        c.store(sid, [(BASE + i * P, page(i)) for i in range(n)])
+        assert c.page_stream == stream
+        got = c.fetch(sid, [BASE + i * P for i in range(n)])
+        assert got == [page(i) for i in range(n)]
+        # readaheads and write-backs in flight together, collected newest
+        # first: each fetch sees the stores sent before it, none after
+        tickets = []
+        for k in range(16):
+            addrs = [BASE + (k * 256 + i) * P for i in range(256)]
+            old = [page(k * 256 + i) for i in range(256)]
+            new = [page(k * 256 + i + 7) for i in range(256)]
+            tickets.append((c.submit(sid, fetch_addrs=addrs), old))
+            tickets.append((c.submit(sid, stores=list(zip(addrs, new))), []))
+            tickets.append((c.submit(sid, fetch_addrs=addrs), new))
+        for ticket, expected in reversed(tickets):
+            assert [bytes(v) for v in c.collect(ticket, views=True)] == expected
+        assert c.fetch(sid, [BASE + i * P for i in range(n)]) == [page(i + 7) for i in range(n)]
+        c.free_space(sid)
+    finally:
+        c.close()
+
+
+def test_a_stopped_server_fails_a_waiting_fetch_by_keepalive_and_nothing_is_lost(tmp_path):
+    server = Server(f"unix:{tmp_path}/m.sock")
+    c = MemoryClient(server.address)
+    try:
+        sid = c.create_space()
+        c.map(sid, BASE, 4 * P)
+        c.store(sid, [(BASE + i * P, page(i)) for i in range(4)])
+        assert c.page_stream == "legorun"
+        server.proc.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(ComponentError) as e:
+            within(40, lambda: c.fetch(sid, [BASE]))
+        assert str(e.value) == f"mComponent at {server.address}: no answer to keepalive pings"
+        assert time.monotonic() - t0 < 25
+        server.proc.send_signal(signal.SIGCONT)
+        # the next call opens a new stream; the pages are where they were
+        assert within(20, lambda: c.fetch(sid, [BASE + i * P for i in range(4)])) == \
+            [page(i) for i in range(4)]
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+        c.close()
+        server.stop()

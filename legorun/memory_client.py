@@ -128,6 +128,7 @@ class MemoryClient(ComponentClient):
         self._pages: _Stream | None = None
         self._express: _Stream | None = None   # fetches that overtake the frames in flight
         self.page_stream: str | None = None    # "legorun" or "grpcio": the last Pages stream opened
+        self.reader_cpus = None   # CPUs for legorun's page stream's reader thread (None: any)
         self._lock = threading.Lock()
         self._next_id = 1
         self._seq = 0
@@ -153,7 +154,8 @@ class MemoryClient(ComponentClient):
         else grpcio's."""
         if pagestream.available(bool(self._tls_ca)):
             self.page_stream = "legorun"
-            return pagestream.PageStream(self.address, METHOD_PAGES, self._metadata)
+            return pagestream.PageStream(self.address, METHOD_PAGES, self._metadata,
+                                         self.reader_cpus)
         self.page_stream = "grpcio"
         return _Stream(self._get_channel(), self._metadata, METHOD_PAGES)
 

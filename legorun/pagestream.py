@@ -149,13 +149,18 @@ class PageStream:
     one message made of these bytes-like parts, recv() returns the next reply
     (a memoryview of it). Both raise StreamBroken once the call is over."""
 
-    def __init__(self, address: str, method: str, metadata) -> None:
+    def __init__(self, address: str, method: str, metadata, reader_cpus=None) -> None:
         fd, authority = _connect(address)
         try:
             self._s = _h2.Stream(fd, header_block(method, authority, metadata))
         except OSError as e:
             os.close(fd)
             raise StreamBroken(_errno_reason(e.errno) if e.errno else str(e)) from None
+        if reader_cpus:
+            try:
+                self._s.reader_cpus(sorted(reader_cpus))
+            except (OSError, ValueError):
+                pass  # (a CPU gone offline: the reader runs where it was)
 
     def send(self, parts) -> None:
         if len(parts) > MAX_PARTS:  # (stores given page by page) one writev takes so many

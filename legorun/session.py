@@ -157,6 +157,9 @@ class Session:
                     raise ComponentError("mComponent", "(embedded)", str(e)) from None
                 self._embedded.append(comp)
             client = MemoryClient(addr, token=self.token, tls_ca=self.tls_ca)
+            # (the replies are read beside legorun's CPU, where the mComponent runs
+            # when it is embedded)
+            client.reader_cpus = self.component_cpus()
             client.connect()  # ComponentError: the tracer kills the guest (MemoryLost)
             return client
         self.memory = MemoryManager(excache_bytes // PAGE, connect, policy)

@@ -1073,16 +1073,17 @@ def test_status_shows_a_guests_space_while_it_runs_and_not_after(mcomponent, tmp
         assert p.returncode == 0, p.stderr
         return json.loads(p.stdout)["components"][0]["status"]["spaces"]
 
+    # (long enough for `legorun status` to look while it runs: 60 passes
+    # take a few seconds; it then ends by itself)
     p = subprocess.Popen([PY, "-m", "legorun", "--mem", mcomponent, "--excache", "1M", "--", exe,
-                          "8", "20"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                          "8", "60"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seen = 0
     deadline = time.time() + 60
     while p.poll() is None and time.time() < deadline and not seen:
         seen = spaces()
         time.sleep(0.1)
-    p.kill() if p.poll() is None else None
-    p.wait()
-    assert seen == 1
+    p.wait(120)
+    assert seen == 1 and p.returncode == 0
     deadline = time.time() + 30
     while time.time() < deadline and spaces():
         time.sleep(0.2)

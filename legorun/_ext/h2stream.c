@@ -27,11 +27,13 @@
  * close(). recv() then returns None once the messages received before are
  * taken, send() returns False, and why() says what happened.
  */
+#define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -912,6 +914,36 @@ static PyObject *stream_why(Stream *s, PyObject *unused)
     return Py_BuildValue("siINN", end_names[end], err, code, blocks, debug);
 }
 
+/* reader_cpus(cpus): run the reader thread on these CPUs (legorun pins
+   itself and the guest to one; the replies' copies can go beside them). */
+static PyObject *stream_reader_cpus(Stream *s, PyObject *arg)
+{
+    PyObject *seq = PySequence_Fast(arg, "reader_cpus takes a sequence of CPU numbers");
+    if (!seq)
+        return NULL;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+        long cpu = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (cpu < 0 || cpu >= CPU_SETSIZE) {
+            Py_DECREF(seq);
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "no such CPU");
+            return NULL;
+        }
+        CPU_SET(cpu, &set);
+    }
+    Py_DECREF(seq);
+    if (s->reader_started) {
+        int err = pthread_setaffinity_np(s->reader, sizeof set, &set);
+        if (err) {
+            errno = err;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *stream_pending(Stream *s, PyObject *unused)
 {
     pthread_mutex_lock(&s->mu);
@@ -979,6 +1011,8 @@ static PyMethodDef stream_methods[] = {
      "why() -> None | (kind, errno, code, header_blocks, goaway_debug)"},
     {"pending", (PyCFunction)stream_pending, METH_NOARGS,
      "pending() -> int: messages received and not yet taken"},
+    {"reader_cpus", (PyCFunction)stream_reader_cpus, METH_O,
+     "reader_cpus(cpus): run the reader thread on these CPUs"},
     {"close", (PyCFunction)stream_close, METH_NOARGS, "close(): end the stream"},
     {NULL}
 };

@@ -144,25 +144,42 @@ class Session:
         """Remote memory: an ExCache of `excache_bytes` per guest process, pages on
         the mComponent at `address` (or one started here when first needed)."""
         from .memory.excache import PAGE, MemoryManager
+        booting = {}  # the embedded mComponent launched ahead, or why it could not be
+
+        def prepare():
+            """The ExCache is full for the first time: pages may have to go out
+            soon. The embedded mComponent boots meanwhile (~100 ms, on another
+            CPU) and gRPC loads (~45 ms) instead of at the first page sent."""
+            if address is None and not booting:
+                comp = EmbeddedComponent("mcomponent", "legorun_components.mcomponent", [])
+                try:
+                    comp.launch(cpus=self.component_cpus())
+                    booting["comp"] = comp
+                    self._embedded.append(comp)  # (stopped at the end, used or not)
+                except StartError as e:
+                    booting["error"] = e
+            from . import memory_client  # noqa: F401
 
         def connect():
             from .memory_client import MemoryClient
             addr = address
             if addr is None:
-                comp = EmbeddedComponent("mcomponent", "legorun_components.mcomponent", [])
+                prepare()
                 try:
-                    addr = comp.start(cpus=self.component_cpus())
+                    if "error" in booting:
+                        raise booting["error"]
+                    comp = booting["comp"]
+                    addr = comp.wait_ready()
                 except StartError as e:
                     # (the guest's memory cannot be served: the tracer kills it)
                     raise ComponentError("mComponent", "(embedded)", str(e)) from None
-                self._embedded.append(comp)
             client = MemoryClient(addr, token=self.token, tls_ca=self.tls_ca)
             # (the replies are read beside legorun's CPU, where the mComponent runs
             # when it is embedded)
             client.reader_cpus = self.component_cpus()
             client.connect()  # ComponentError: the tracer kills the guest (MemoryLost)
             return client
-        self.memory = MemoryManager(excache_bytes // PAGE, connect, policy)
+        self.memory = MemoryManager(excache_bytes // PAGE, connect, policy, prepare)
 
     def on_guest_job_stop(self, sig: int) -> None:
         """The guest stopped for the terminal (Ctrl-Z): stop legorun with the same

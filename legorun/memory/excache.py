@@ -735,6 +735,7 @@ class ExCache:
                                     and Dropper.start(tracer, self, tid)) or False
             # a batch, and what the incoming pages (and faults served
             # meanwhile) would put over the capacity
+            self.manager.prepare()
             count = self.manager.batch + max(0, len(self.resident) + incoming - self.manager.capacity)
             victims = self._choose(count)
             if victims:
@@ -1252,12 +1253,13 @@ def _gaps(start: int, end: int, ranges: list):
 class MemoryManager:
     """The run's remote memory: the mComponent client, the budget, the caches."""
 
-    def __init__(self, capacity_pages: int, connect, policy: str = "fifo") -> None:
+    def __init__(self, capacity_pages: int, connect, policy: str = "fifo", prepare=None) -> None:
         self.capacity = max(capacity_pages, 64)
         self.policy = policy        # "fifo", "clock" or "2q" (ExCache._choose)
         # evicted together: one store, few madvise; larger batches for larger caches
         self.batch = max(16, min(256, self.capacity // 8))
         self._connect = connect     # () -> MemoryClient, started on first use
+        self._prepare = prepare     # () -> None: at the first eviction, get ready to connect
         self._client = None
         self.by_fd: dict = {}       # uffd fd -> ExCache
         self.stats = MemoryStats()
@@ -1290,6 +1292,13 @@ class MemoryManager:
         if self._client is None:
             self._client = self._connect()
         return self._client
+
+    def prepare(self) -> None:
+        """The first eviction: what connecting needs starts now (the embedded
+        mComponent boots while the guest runs on), in case pages go out."""
+        if self._prepare is not None:
+            prepare, self._prepare = self._prepare, None
+            prepare()
 
     def page_stream(self) -> str | None:
         """Which Pages stream the run used ("legorun" or "grpcio"), None if none."""

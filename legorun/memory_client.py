@@ -152,7 +152,7 @@ class MemoryClient(ComponentClient):
     def _open_pages(self):
         """A new Pages stream: legorun's own (pagestream) where it can serve,
         else grpcio's."""
-        if pagestream.available(bool(self._tls_ca)):
+        if pagestream.available(self.address, bool(self._tls_ca)):
             self.page_stream = "legorun"
             return pagestream.PageStream(self.address, METHOD_PAGES, self._metadata,
                                          self.reader_cpus)

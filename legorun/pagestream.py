@@ -56,11 +56,13 @@ class StreamBroken(Exception):
         self.code = code
 
 
-def available(tls: bool) -> bool:
+def available(address: str, tls: bool) -> bool:
     """Whether this stream can serve (else the grpcio one does): built, no
-    TLS, and neither LEGORUN_PAGE_STREAM=grpc nor LEGORUN_NO_FASTPATH set."""
-    return (_h2 is not None and not tls and os.environ.get(ENV, "") != "grpc"
-            and not os.environ.get("LEGORUN_NO_FASTPATH"))
+    TLS, an address of the forms unix:PATH or HOST:PORT (others, such as
+    dns:///, are for gRPC's resolvers), and neither LEGORUN_PAGE_STREAM=grpc
+    nor LEGORUN_NO_FASTPATH set."""
+    return (_h2 is not None and not tls and _target(address) is not None
+            and os.environ.get(ENV, "") != "grpc" and not os.environ.get("LEGORUN_NO_FASTPATH"))
 
 
 def _target(address: str):
@@ -75,7 +77,9 @@ def _target(address: str):
         return None
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    return None if not host else (socket.AF_UNSPEC, (host, int(port)), address)
+    if not host or "/" in host or (":" in host and not address.startswith("[")):
+        return None  # (dns:///x:1, ipv4:1.2.3.4:5, ...: gRPC's own schemes)
+    return socket.AF_UNSPEC, (host, int(port)), address
 
 
 def _string(text: str) -> bytes:
@@ -108,10 +112,7 @@ def header_block(path: str, authority: str, metadata) -> bytes:
 
 
 def _connect(address: str) -> tuple[int, str]:
-    target = _target(address)
-    if target is None:
-        raise StreamBroken(f"address {address!r} is not one legorun can reach without gRPC's resolver")
-    family, where, authority = target
+    family, where, authority = _target(address)  # (available() checked it)
     try:
         if family == socket.AF_UNIX:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

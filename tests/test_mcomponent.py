@@ -462,7 +462,7 @@ def test_tcp_requires_the_token(tmp_path):
         c.map(sid, BASE, P)
         c.store(sid, [(BASE, page(4))])
         assert c.fetch(sid, [BASE]) == [page(4)]
-        assert c.page_stream == ("legorun" if pagestream.available(False) else "grpcio")
+        assert c.page_stream == ("legorun" if pagestream.available(server.address, False) else "grpcio")
         c.close()
     finally:
         server.stop()

@@ -90,3 +90,17 @@ def test_a_stopped_server_fails_a_waiting_fetch_by_keepalive_and_nothing_is_lost
         server.proc.send_signal(signal.SIGCONT)
         c.close()
         server.stop()
+
+
+def test_addresses_for_grpc_s_resolvers_and_tls_keep_grpcio_s_stream(monkeypatch):
+    monkeypatch.delenv(pagestream.ENV, raising=False)
+    monkeypatch.delenv("LEGORUN_NO_FASTPATH", raising=False)
+    for address in ("unix:/tmp/m.sock", "unix:///tmp/m.sock", "127.0.0.1:7000", "[::1]:7000",
+                    "mem.example:7000"):
+        assert pagestream.available(address, tls=False), address
+        assert not pagestream.available(address, tls=True), address
+    for address in ("dns:///mem.example:7000", "ipv4:127.0.0.1:7000", "unix-abstract:m",
+                    "mem.example"):
+        assert not pagestream.available(address, tls=False), address
+    monkeypatch.setenv(pagestream.ENV, "grpc")
+    assert not pagestream.available("unix:/tmp/m.sock", tls=False)

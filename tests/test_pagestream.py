@@ -68,7 +68,7 @@ def test_frames_past_every_window_and_many_in_flight_keep_every_page(server, mon
         c.close()
 
 
-def test_a_stopped_server_fails_a_waiting_fetch_by_keepalive_and_nothing_is_lost(tmp_path):
+def test_a_stopped_server_fails_a_waiting_fetch_or_store_by_keepalive_and_nothing_is_lost(tmp_path):
     server = Server(f"unix:{tmp_path}/m.sock")
     c = MemoryClient(server.address)
     try:
@@ -86,6 +86,17 @@ def test_a_stopped_server_fails_a_waiting_fetch_by_keepalive_and_nothing_is_lost
         # the next call opens a new stream; the pages are where they were
         assert within(20, lambda: c.fetch(sid, [BASE + i * P for i in range(4)])) == \
             [page(i) for i in range(4)]
+        # a send held up (16 MiB: past the server's 4 MiB window) fails alike
+        c.map(sid, BASE, 4096 * P, if_absent=True)
+        server.proc.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(ComponentError) as e:
+            within(40, lambda: c.store(sid, [(BASE + i * P, page(i + 9)) for i in range(4096)]))
+        assert str(e.value) == f"mComponent at {server.address}: no answer to keepalive pings"
+        assert time.monotonic() - t0 < 25
+        server.proc.send_signal(signal.SIGCONT)
+        got = within(20, lambda: c.fetch(sid, [BASE + i * P for i in range(4)]))
+        assert got in ([page(i) for i in range(4)], [page(i + 9) for i in range(4)])
     finally:
         server.proc.send_signal(signal.SIGCONT)
         c.close()

@@ -135,7 +135,7 @@ typedef struct {
     unsigned end_code;
     unsigned char *debug;
     size_t debug_len;
-    int waiting;                  /* a recv() waits: the reader keeps the peer alive */
+    int waiting;                  /* a recv() or send() waits: the reader checks the peer */
     /* the reader's state (its thread alone touches it) */
     unsigned char *stage;
     size_t s_off, s_len;
@@ -632,8 +632,11 @@ static void *reader_main(void *arg)
             return NULL;
         continue;
     quiet:
-        /* silence: while a reply is awaited, ping the peer; no answer in
-           KEEPALIVE_TIMEOUT_MS ends the stream (a vanished host) */
+        /* silence: while a reply is awaited or a send is held up (no
+           window, a full socket), ping the peer; no answer in
+           KEEPALIVE_TIMEOUT_MS ends the stream (a vanished or stopped host).
+           A send blocked on the socket holds the write lock: then no ping
+           can go out, and the silence alone counts. */
         pthread_mutex_lock(&s->mu);
         int waiting = s->waiting, ended = s->end != E_NONE;
         pthread_mutex_unlock(&s->mu);
@@ -645,12 +648,18 @@ static void *reader_main(void *arg)
             return NULL;
         }
         if (!pinged && waiting && t - heard >= KEEPALIVE_MS) {
-            unsigned char data[8];
-            unsigned long long k = ++s->pings_sent;
-            memcpy(data, &k, 8);
-            if (send_ctl(s, F_PING, 0, 0, data, 8)) {
-                fail(s, E_ERRNO, errno, 0);
-                return NULL;
+            if (pthread_mutex_trylock(&s->wmu) == 0) {
+                unsigned char h[9 + 8];
+                unsigned long long k = ++s->pings_sent;
+                frame_header(h, 8, F_PING, 0, 0);
+                memcpy(h + 9, &k, 8);
+                struct iovec iov = {h, sizeof h};
+                int err = write_all(s->fd, &iov, 1);
+                pthread_mutex_unlock(&s->wmu);
+                if (err) {
+                    fail(s, E_ERRNO, err, 0);
+                    return NULL;
+                }
             }
             pinged = t;
         }
@@ -760,11 +769,13 @@ static PyObject *stream_send(Stream *s, PyObject *args)
            may need it to answer the peer meanwhile) */
         pthread_mutex_lock(&s->mu);
         if (s->end == E_NONE && (s->conn_window <= 0 || s->stream_window <= 0)) {
+            s->waiting++;
             pthread_mutex_unlock(&s->mu);
             Py_BEGIN_ALLOW_THREADS
             pthread_mutex_lock(&s->mu);
             while (s->end == E_NONE && (s->conn_window <= 0 || s->stream_window <= 0))
                 pthread_cond_wait(&s->cv, &s->mu);
+            s->waiting--;
             pthread_mutex_unlock(&s->mu);
             Py_END_ALLOW_THREADS
             pthread_mutex_lock(&s->mu);
@@ -821,7 +832,13 @@ static PyObject *stream_send(Stream *s, PyObject *args)
                 iov[i].iov_base = (char *)iov[i].iov_base + done;
                 iov[i].iov_len -= done;
                 Py_BEGIN_ALLOW_THREADS
+                pthread_mutex_lock(&s->mu);
+                s->waiting++;
+                pthread_mutex_unlock(&s->mu);
                 err = write_all(s->fd, iov + i, n - i);
+                pthread_mutex_lock(&s->mu);
+                s->waiting--;
+                pthread_mutex_unlock(&s->mu);
                 Py_END_ALLOW_THREADS
             }
         }

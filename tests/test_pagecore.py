@@ -199,6 +199,27 @@ def test_install_maps_runs_skips_pages_already_there_and_keeps_contents(impl, re
 
 
 @pytest.mark.parametrize("impl", ["C", "Python"])
+def test_install_with_the_books_maps_only_pages_absent_and_stored_and_enters_them(impl, registered):
+    from collections import OrderedDict
+    uffd, m, base = registered
+    pages = [base + i * PAGE for i in range(6)]
+    datas = [bytes([i + 1]) * PAGE for i in range(6)]
+    old = base + 9 * PAGE
+    resident = OrderedDict([(old, None), (pages[1], None)])  # page 1: faulted in meanwhile
+    stored = set(pages) - {pages[4]}                         # page 4: discarded meanwhile
+    ahead = set()
+    install = C.install if impl == "C" else PY["install"]
+    done, again = install(uffd.fd, pages, datas, False, None, (resident, stored, ahead))
+    want = [pages[i] for i in (0, 2, 3, 5)]
+    assert (done, again) == (want, False)
+    assert list(resident) == [old, pages[1], *want]  # at the young end, in order
+    assert ahead == set(want)
+    assert [m[i * PAGE] for i in (0, 2, 3, 5)] == [1, 3, 4, 6]
+    with pytest.raises(TypeError):
+        install(uffd.fd, pages, datas, False, None, (resident, stored))
+
+
+@pytest.mark.parametrize("impl", ["C", "Python"])
 def test_install_maps_views_of_one_reply_in_place_and_views_apart_gathered(impl, registered):
     """Pages as a fetch reply's memoryviews (MemoryClient views=True): a run
     whose views lie back to back (the C build maps it from the reply in

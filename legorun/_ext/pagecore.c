@@ -482,12 +482,20 @@ static const unsigned char *contiguous(PyObject *datas, Py_ssize_t i, Py_ssize_t
 static PyObject *install(PyObject *self, PyObject *args)
 {
     int fd, wp;
-    PyObject *pages, *datas, *prints = Py_None;
-    if (!PyArg_ParseTuple(args, "iO!O!p|O", &fd, &PyList_Type, &pages, &PyList_Type, &datas, &wp,
-                          &prints))
+    PyObject *pages, *datas, *prints = Py_None, *books = Py_None;
+    PyObject *resident = NULL, *stored = NULL, *ahead = NULL;
+    if (!PyArg_ParseTuple(args, "iO!O!p|OO", &fd, &PyList_Type, &pages, &PyList_Type, &datas, &wp,
+                          &prints, &books))
         return NULL;
     if (prints != Py_None && !PyDict_Check(prints)) {
         PyErr_SetString(PyExc_TypeError, "install: prints must be a dict or None");
+        return NULL;
+    }
+    if (books != Py_None && !(PyTuple_Check(books) && PyTuple_GET_SIZE(books) == 3
+                              && PyDict_Check(PyTuple_GET_ITEM(books, 0))
+                              && PyAnySet_Check(PyTuple_GET_ITEM(books, 1))
+                              && PySet_Check(PyTuple_GET_ITEM(books, 2)))) {
+        PyErr_SetString(PyExc_TypeError, "install: books must be (resident dict, stored set, ahead set)");
         return NULL;
     }
     Py_ssize_t n = PyList_GET_SIZE(pages);
@@ -498,23 +506,52 @@ static PyObject *install(PyObject *self, PyObject *args)
     PyObject *done = PyList_New(0);
     if (!done)
         return NULL;
+    if (books != Py_None) {
+        /* only the pages neither resident nor dropped from the mComponent's
+           books meanwhile (stored): a new pair of lists */
+        resident = PyTuple_GET_ITEM(books, 0);
+        stored = PyTuple_GET_ITEM(books, 1);
+        ahead = PyTuple_GET_ITEM(books, 2);
+        PyObject *fp = PyList_New(0), *fd_ = PyList_New(0);
+        if (!fp || !fd_) {
+            Py_XDECREF(fp);
+            Py_XDECREF(fd_);
+            goto fail;
+        }
+        for (Py_ssize_t k = 0; k < n; k++) {
+            PyObject *page = PyList_GET_ITEM(pages, k);
+            int in_res = PyDict_Contains(resident, page), in_sto = PySet_Contains(stored, page);
+            if (in_res < 0 || in_sto < 0 || (!in_res && in_sto &&
+                    (PyList_Append(fp, page) < 0 || PyList_Append(fd_, PyList_GET_ITEM(datas, k)) < 0))) {
+                Py_DECREF(fp);
+                Py_DECREF(fd_);
+                goto fail;
+            }
+        }
+        pages = fp;   /* (references owned from here: released at the end) */
+        datas = fd_;
+        n = PyList_GET_SIZE(pages);
+    } else {
+        Py_INCREF(pages);
+        Py_INCREF(datas);
+    }
     int again = 0;
     Py_ssize_t i = 0;
     while (i < n && !again) {
         uint64_t start;
         Py_ssize_t j = run_end(pages, i, &start);
         if (j < 0)
-            goto fail;
+            goto fail_books;
         size_t len = (size_t)(j - i) * PAGE;
         const unsigned char *src = contiguous(datas, i, j);
         if (src == NULL && PyErr_Occurred())
-            goto fail;
+            goto fail_books;
         if (src == NULL) {  /* the run's bytes gathered, zeros for None */
             if (len > gather_len) {
                 unsigned char *g = PyMem_Realloc(gather, len);
                 if (!g) {
                     PyErr_NoMemory();
-                    goto fail;
+                    goto fail_books;
                 }
                 gather = g;
                 gather_len = len;
@@ -528,7 +565,7 @@ static PyObject *install(PyObject *self, PyObject *args)
                 }
                 Py_buffer view;
                 if (page_view(d, &view) < 0)
-                    goto fail;
+                    goto fail_books;
                 memcpy(to, view.buf, PAGE);
                 PyBuffer_Release(&view);
             }
@@ -551,18 +588,28 @@ static PyObject *install(PyObject *self, PyObject *args)
                 break;
             }
             for (uint64_t p = start + at; p < start + at + (uint64_t)r; p += PAGE) {
-                if (append_int(done, p) < 0)
-                    goto fail;
                 size_t off = (size_t)(p - start);
+                PyObject *page = PyList_GET_ITEM(pages, i + (Py_ssize_t)(off / PAGE));
+                if (PyList_Append(done, page) < 0)
+                    goto fail_books;
                 if (prints != Py_None && PyList_GET_ITEM(datas, i + (Py_ssize_t)(off / PAGE)) != Py_None
                         && set_print(prints, p, src + off) < 0)
-                    goto fail;
+                    goto fail_books;
+                /* (an OrderedDict: through its own setitem, which keeps the order) */
+                if (resident && (PyObject_SetItem(resident, page, Py_None) < 0
+                                 || PySet_Add(ahead, page) < 0))
+                    goto fail_books;
             }
             at += (size_t)r;
         }
         i = j;
     }
+    Py_DECREF(pages);
+    Py_DECREF(datas);
     return Py_BuildValue("(NO)", done, again ? Py_True : Py_False);
+fail_books:
+    Py_DECREF(pages);
+    Py_DECREF(datas);
 fail:
     Py_DECREF(done);
     return NULL;
@@ -578,7 +625,7 @@ static PyMethodDef methods[] = {
     {"read_pages", read_pages, METH_VARARGS,
      "read_pages(pid, mem_fd, pages, prints=None) -> (addrs, data, zeros, gone, same)"},
     {"install", install, METH_VARARGS,
-     "install(uffd_fd, pages, datas, wp, prints=None) -> (pages mapped, stopped by EAGAIN)"},
+     "install(uffd_fd, pages, datas, wp, prints=None, books=None) -> (pages mapped, stopped by EAGAIN)"},
     {"fingerprint", fingerprint, METH_O,
      "fingerprint(page) -> 32 bytes: NH of the 4096 bytes under this process's random key"},
     {NULL, NULL, 0, NULL},

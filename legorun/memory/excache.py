@@ -449,9 +449,13 @@ class ExCache:
                 self.resident[page] = None
                 if first is not None and self._printing(len(group)):
                     self.prints[page] = PC.fingerprint(first)
-                rest = [(p, d) for p, d in zip(group[1:], datas[1:])
-                        if p not in self.resident and p in self.stored]  # else changed meanwhile
-                self._install_ahead(rest)
+                # the rest write-protected, one UFFDIO_COPY per run (pages made
+                # resident or dropped meanwhile are skipped; at EAGAIN the layout
+                # is changing and the rest is left to their faults)
+                if len(group) > 1:
+                    PC.install(self.uffd.fd, group[1:], datas[1:], True,
+                               self.prints if self.printing else None,
+                               (self.resident, self.stored, self.ahead))
             elif len(group) > 1 and (self.uffd.copy_zeros(page, len(group) * PAGE) if write
                                      else self.uffd.zero(page, len(group) * PAGE)):
                 # a write fault: what follows is most likely written too (an
@@ -687,19 +691,6 @@ class ExCache:
         wholesale: mremap, fork, going local, the end)."""
         for ticket in list(self.tickets):
             self._drop_ticket(ticket)
-
-    def _install_ahead(self, pages: list) -> None:
-        """Map prefetched (page, data) pairs, write-protected: one UFFDIO_COPY
-        per contiguous run (a page there already is skipped; at EAGAIN, the
-        layout is changing, the rest is left for later)."""
-        if not pages:
-            return
-        done, _ = PC.install(self.uffd.fd, [p for p, _ in pages], [d for _, d in pages], True,
-                             self.prints if self.printing else None)
-        resident, ahead = self.resident, self.ahead
-        for p in done:
-            resident[p] = None
-        ahead.update(done)
 
     def _make_room(self, tracer, tid: int, incoming: int) -> bool:
         """Evict a batch and room for `incoming` pages; True if the thread was

@@ -125,12 +125,27 @@ def read_pages(pid: int, mem_fd: int, pages: list, prints: dict | None = None) -
     return addrs, b"".join(chunks), zeros, gone, same
 
 
-def install(uffd_fd: int, pages: list, datas: list, wp: bool, prints: dict | None = None) -> tuple:
+def install(uffd_fd: int, pages: list, datas: list, wp: bool, prints: dict | None = None,
+            books: tuple | None = None) -> tuple:
     """Map pages with these contents (None: zeros), one UFFDIO_COPY per
     contiguous run. A page already there, or outside the registered
     mappings, is skipped. Each page mapped from data (not zeros) gets its
-    fingerprint in `prints`. Returns (the pages mapped, True if the kernel
-    said EAGAIN: the layout is changing, the rest was left)."""
+    fingerprint in `prints`. With `books` (resident, stored, ahead), only
+    the pages neither in resident nor out of stored are mapped, and each one
+    mapped is added to resident (at its young end) and to ahead. Returns (the
+    pages mapped, True if the kernel said EAGAIN: the layout is changing,
+    the rest was left)."""
+    if books is not None:
+        if not (isinstance(books, tuple) and len(books) == 3):
+            raise TypeError("install: books must be (resident dict, stored set, ahead set)")
+        resident, stored, ahead = books
+        keep = [k for k, p in enumerate(pages) if p not in resident and p in stored]
+        done, again = _py_install(uffd_fd, [pages[k] for k in keep], [datas[k] for k in keep],
+                                  wp, prints)
+        for p in done:
+            resident[p] = None
+        ahead.update(done)
+        return done, again
     uffd = U.Userfaultfd(uffd_fd)  # (not closed: the fd is the caller's)
     done: list = []
     i = 0

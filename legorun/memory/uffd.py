@@ -27,7 +27,7 @@ UFFDIO_WRITEPROTECT = _ioc(_IOWR, 0x06, 24)
 
 UFFDIO_REGISTER_MODE_MISSING = 1
 UFFDIO_REGISTER_MODE_WP = 2
-UFFDIO_COPY_MODE_WP = 2
+UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_COPY_MODE_WP = 1, 2
 UFFDIO_WRITEPROTECT_MODE_WP = 1
 
 UFFD_FEATURE_EVENT_FORK = 1 << 1
@@ -107,13 +107,13 @@ class Userfaultfd:
     def unregister(self, start: int, length: int) -> None:
         fcntl.ioctl(self.fd, UFFDIO_UNREGISTER, bytearray(struct.pack("<QQ", start, length)))
 
-    def copy(self, dst: int, data: bytes, wp: bool = False) -> bool:
+    def copy(self, dst: int, data: bytes, wp: bool = False, wake: bool = True) -> bool:
         """Map pages with these contents (len(data) a multiple of PAGE) and
         wake the faulting thread; with `wp`, write-protected (with WP_ASYNC the
         kernel lifts that at the first write, which marks the page written).
         False if a page was already there (a raced, repeated fault)."""
         return self._copy_from(dst, ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value,
-                               len(data), wp)
+                               len(data), wp, wake)
 
     def copy_zeros(self, dst: int, length: int) -> bool:
         """Map fresh zeroed pages, writable, over [dst, dst+length) (at most
@@ -123,8 +123,8 @@ class Userfaultfd:
             raise ValueError(f"copy_zeros: {length} bytes, at most {ZEROS_MAX}")
         return self._copy_from(dst, _ZEROS_AT, length, False)
 
-    def _copy_from(self, dst: int, src: int, length: int, wp: bool) -> bool:
-        err, _ = self._copy_raw(dst, src, length, wp)
+    def _copy_from(self, dst: int, src: int, length: int, wp: bool, wake: bool = True) -> bool:
+        err, _ = self._copy_raw(dst, src, length, wp, wake)
         if err in (errno.EEXIST, errno.ENOENT):
             # EEXIST: there already; ENOENT: the range is not one registered
             # mapping (any more): it was split (mprotect) or is being unmapped
@@ -140,9 +140,9 @@ class Userfaultfd:
         return self._copy_raw(dst, ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value,
                               len(data), wp)
 
-    def _copy_raw(self, dst: int, src: int, length: int, wp: bool) -> tuple:
+    def _copy_raw(self, dst: int, src: int, length: int, wp: bool, wake: bool = True) -> tuple:
         struct.pack_into("<QQQQq", self._copy, 0, dst, src, length,
-                         UFFDIO_COPY_MODE_WP if wp else 0, 0)
+                         (UFFDIO_COPY_MODE_WP if wp else 0) | (0 if wake else UFFDIO_COPY_MODE_DONTWAKE), 0)
         err = self._call(UFFDIO_COPY, self._copy)
         if err:
             return err, max(struct.unpack_from("<q", self._copy, 32)[0], 0)

@@ -330,6 +330,11 @@ static int on_frame(Stream *s)
             fail(s, E_PROTOCOL, 0, 6);
             return -1;
         }
+        /* The peer enforces its new values once it has our ACK: the ACK goes
+           out first, and only the frames written after it use them (a 4 MiB
+           DATA frame sent before the ACK is a protocol error to gRPC). */
+        if (send_ctl(s, F_SETTINGS, FL_ACK, 0, NULL, 0))
+            return -1;
         pthread_mutex_lock(&s->mu);
         for (unsigned i = 0; i < len; i += 6) {
             unsigned id = (p[i] << 8) | p[i + 1];
@@ -343,7 +348,7 @@ static int on_frame(Stream *s)
         }
         pthread_cond_broadcast(&s->cv);
         pthread_mutex_unlock(&s->mu);
-        return send_ctl(s, F_SETTINGS, FL_ACK, 0, NULL, 0) ? -1 : 0;
+        return 0;
     case F_PING:
         if (len != 8) {
             fail(s, E_PROTOCOL, 0, 6);

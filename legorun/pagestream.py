@@ -113,6 +113,7 @@ def header_block(path: str, authority: str, metadata) -> bytes:
 
 def _connect(address: str) -> tuple[int, str]:
     family, where, authority = _target(address)  # (available() checked it)
+    sock = None
     try:
         if family == socket.AF_UNIX:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -121,8 +122,11 @@ def _connect(address: str) -> tuple[int, str]:
         else:
             sock = socket.create_connection(where, timeout=CONNECT_TIMEOUT)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (ConnectionRefusedError, FileNotFoundError, PermissionError, TimeoutError,
-            OSError) as e:
+    except socket.gaierror as e:
+        raise StreamBroken(f"cannot resolve {where[0]}: {e.strerror}") from None
+    except OSError as e:  # (TimeoutError has no errno)
+        if sock is not None:
+            sock.close()
         raise StreamBroken(_errno_reason(e.errno) if e.errno else
                            f"not ready after {CONNECT_TIMEOUT:g} s") from None
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):

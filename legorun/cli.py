@@ -218,6 +218,10 @@ def print_summary(stats: dict, out) -> None:
             out.write(f"  {name:<16} {n:>9}   {detail}\n")
         if ex["made_local"]:
             out.write(f"  {ex['made_local']} process(es) made local\n")
+        stream = stats.get("page_stream")
+        if stream:
+            out.write("  pages moved on " + ("legorun's HTTP/2 stream (h2stream)" if stream == "legorun"
+                                             else "grpcio's stream") + "\n")
     rpcs = stats.get("rpcs", {})
     if rpcs:
         out.write(f"\n{'component':<11} {'rpc':<16} {'calls':>8} {'errors':>7} {'p50 ms':>8} "

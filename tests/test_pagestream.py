@@ -115,3 +115,24 @@ def test_addresses_for_grpc_s_resolvers_and_tls_keep_grpcio_s_stream(monkeypatch
         assert not pagestream.available(address, tls=False), address
     monkeypatch.setenv(pagestream.ENV, "grpc")
     assert not pagestream.available("unix:/tmp/m.sock", tls=False)
+
+
+@pytest.mark.parametrize("stream", ["legorun", "grpcio"])
+def test_the_summary_and_the_stats_name_the_page_stream_used(tmp_path, stream):
+    import json
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ)
+    env.pop(pagestream.ENV, None)
+    if stream == "grpcio":
+        env[pagestream.ENV] = "grpc"
+    p = subprocess.run([sys.executable, "-m", "legorun", "--excache", "4M", "-c", "--stats-json",
+                        str(tmp_path / "s.json"), "--", sys.executable, "-c",
+                        "b = bytearray(32 << 20); b[::4096] = b'x' * 8192; print(b.count(b'x'))"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "8192\n"
+    said = "legorun's HTTP/2 stream (h2stream)" if stream == "legorun" else "grpcio's stream"
+    assert f"  pages moved on {said}\n" in p.stderr
+    assert json.loads((tmp_path / "s.json").read_text())["page_stream"] == stream

@@ -57,8 +57,6 @@ FEATURES = U.UFFD_FEATURE_EVENT_FORK | U.UFFD_FEATURE_EVENT_REMAP | U.UFFD_FEATU
 SPACE_ID_BYTES = 16
 
 
-
-
 class MemoryStats:
     def __init__(self) -> None:
         self.faults = 0          # page faults served

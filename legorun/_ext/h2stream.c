@@ -128,7 +128,6 @@ typedef struct {
     unsigned peer_max_frame;
     /* received, complete */
     struct msg *head, *tail;
-    size_t queued;
     struct block *blocks, *blocks_tail;
     /* the end */
     int end, end_errno;
@@ -278,7 +277,6 @@ static int finish_message(Stream *s)
     else
         s->head = m;
     s->tail = m;
-    s->queued++;
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
     return 0;
@@ -572,69 +570,59 @@ static void *reader_main(void *arg)
     Stream *s = arg;
     long long heard = now_ms(), pinged = 0;
     for (;;) {
-        /* a large body read straight into its message, past the stage */
+        /* a large body is read straight into its message, past the stage
+           (consume() takes every staged byte, so the stage starts empty) */
+        unsigned char *into = s->stage;
+        size_t room = STAGE;
+        int direct = 0;
         if (s->in_frame && s->f_type == F_DATA && s->f_sid == SID && s->f_pad_known
-                && s->mh_have == 5 && s->s_off == s->s_len) {
+                && s->mh_have == 5) {
             size_t data_left = s->f_len - s->f_done;
             data_left = data_left > s->f_pad ? data_left - s->f_pad : 0;
             size_t want = s->m_len - s->m_have;
             if (want > data_left)
                 want = data_left;
             if (want >= 65536) {
-                struct pollfd pf = {s->fd, POLLIN, 0};
-                int r = poll(&pf, 1, KEEPALIVE_MS / 2);
-                if (r < 0 && errno == EINTR)
-                    continue;
-                if (r == 0)
-                    goto quiet;
-                ssize_t n = recv(s->fd, s->m_data + s->m_have, want, 0);
-                if (n < 0 && errno == EINTR)
-                    continue;
-                if (n <= 0) {
-                    gone(s, n);
-                    return NULL;
-                }
-                heard = now_ms();
-                pinged = 0;
-                s->m_have += n;
-                s->f_done += n;
-                if (s->m_have == s->m_len && finish_message(s) < 0) {
-                    fail(s, E_PROTOCOL, ENOMEM, 0);
-                    return NULL;
-                }
-                if (s->f_done == s->f_len) {
-                    s->in_frame = 0;
-                    if (s->f_flags & FL_END_STREAM) {
-                        fail(s, E_TRAILERS, 0, 0);
-                        return NULL;
-                    }
-                }
-                continue;
+                into = s->m_data + s->m_have;
+                room = want;
+                direct = 1;
             }
         }
-        s->s_off = s->s_len = 0;   /* (consume() takes every staged byte) */
-        {
-            struct pollfd pf = {s->fd, POLLIN, 0};
-            int r = poll(&pf, 1, KEEPALIVE_MS / 2);
-            if (r < 0 && errno == EINTR)
-                continue;
-            if (r == 0)
-                goto quiet;
+        struct pollfd pf = {s->fd, POLLIN, 0};
+        int r = poll(&pf, 1, KEEPALIVE_MS / 2);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r == 0)
+            goto quiet;
+        ssize_t n = recv(s->fd, into, room, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            gone(s, n);
+            return NULL;
         }
-        {
-            ssize_t n = recv(s->fd, s->stage, STAGE, 0);
-            if (n < 0 && errno == EINTR)
-                continue;
-            if (n <= 0) {
-                gone(s, n);
+        heard = now_ms();
+        pinged = 0;
+        if (!direct) {
+            s->s_off = 0;
+            s->s_len = n;
+            if (consume(s) < 0)
+                return NULL;
+            continue;
+        }
+        s->m_have += n;
+        s->f_done += n;
+        if (s->m_have == s->m_len && finish_message(s) < 0) {
+            fail(s, E_PROTOCOL, ENOMEM, 0);
+            return NULL;
+        }
+        if (s->f_done == s->f_len) {
+            s->in_frame = 0;
+            if (s->f_flags & FL_END_STREAM) {
+                fail(s, E_TRAILERS, 0, 0);
                 return NULL;
             }
-            heard = now_ms();
-            pinged = 0;
-            s->s_len += n;
         }
-        if (consume(s) < 0)
-            return NULL;
         continue;
     quiet:
         /* silence: while a reply is awaited or a send is held up (no
@@ -885,7 +873,6 @@ static PyObject *stream_recv(Stream *s, PyObject *unused)
         s->head = m->next;
         if (!s->head)
             s->tail = NULL;
-        s->queued--;
     }
     pthread_mutex_unlock(&s->mu);
     if (!m)
@@ -966,14 +953,6 @@ static PyObject *stream_reader_cpus(Stream *s, PyObject *arg)
     Py_RETURN_NONE;
 }
 
-static PyObject *stream_pending(Stream *s, PyObject *unused)
-{
-    pthread_mutex_lock(&s->mu);
-    size_t n = s->queued;
-    pthread_mutex_unlock(&s->mu);
-    return PyLong_FromSize_t(n);
-}
-
 static void stream_stop(Stream *s)
 {
     if (s->fd < 0)
@@ -1031,8 +1010,6 @@ static PyMethodDef stream_methods[] = {
      "recv() -> Message | None: the next message; None once ended and drained"},
     {"why", (PyCFunction)stream_why, METH_NOARGS,
      "why() -> None | (kind, errno, code, header_blocks, goaway_debug)"},
-    {"pending", (PyCFunction)stream_pending, METH_NOARGS,
-     "pending() -> int: messages received and not yet taken"},
     {"reader_cpus", (PyCFunction)stream_reader_cpus, METH_O,
      "reader_cpus(cpus): run the reader thread on these CPUs"},
     {"close", (PyCFunction)stream_close, METH_NOARGS, "close(): end the stream"},

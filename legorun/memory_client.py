@@ -281,20 +281,23 @@ class MemoryClient(ComponentClient):
                                   barrier=False).regions.regions)
 
     # -- pages ----------------------------------------------------------------
-    def _send_frame(self, space: bytes, stores, fetch_addrs, op: str) -> int:
-        """Send one frame (lock held); returns its id."""
+    def _frame(self, space: bytes, stores, fetch_addrs) -> tuple:
+        """A new frame (lock held): (its id, the store addresses, its parts);
+        a frame that stores draws a sequence number."""
         if len(stores) > memwire.MAX_PAGES or len(fetch_addrs) > memwire.MAX_PAGES:
             raise ValueError(f"at most {memwire.MAX_PAGES} pages to store and to fetch per message")
         rid = self._next_id
         self._next_id += 1
         if stores:
             self._seq += 1
-            seq = self._seq
             addrs, datas = memwire.split_stores(stores)
-            parts = memwire.request_parts(rid, space, seq, addrs, datas, fetch_addrs)
-        else:
-            addrs = ()
-            parts = memwire.request_parts(rid, space, 0, (), (), fetch_addrs)
+            return rid, addrs, memwire.request_parts(rid, space, self._seq, addrs, datas,
+                                                     fetch_addrs)
+        return rid, (), memwire.request_parts(rid, space, 0, (), (), fetch_addrs)
+
+    def _send_frame(self, space: bytes, stores, fetch_addrs, op: str) -> int:
+        """Send one frame (lock held); returns its id."""
+        rid, addrs, parts = self._frame(space, stores, fetch_addrs)
         row = self._row(op)
         try:
             if self._pages is None:
@@ -357,21 +360,14 @@ class MemoryClient(ComponentClient):
         results: list = []
         if nf:
             off = base + ns + nf
-            if views:
-                data = memoryview(raw)
-                for st in bytes(raw[base + ns:base + ns + nf]):
-                    if st == 0:
-                        results.append(data[off:off + PAGE_SIZE])
-                        off += PAGE_SIZE
-                    else:
-                        results.append(None)
-            else:  # pages of their own (bytes() of a bytes slice is that slice)
-                for st in bytes(raw[base + ns:base + ns + nf]):
-                    if st == 0:
-                        results.append(bytes(raw[off:off + PAGE_SIZE]))
-                        off += PAGE_SIZE
-                    else:
-                        results.append(None)
+            data = memoryview(raw)
+            for st in bytes(raw[base + ns:base + ns + nf]):
+                if st == 0:  # (without views, pages of their own)
+                    page = data[off:off + PAGE_SIZE]
+                    results.append(page if views else bytes(page))
+                    off += PAGE_SIZE
+                else:
+                    results.append(None)
         row[5] += len(addrs) + nf
         if ns:
             status = bytes(raw[base:base + ns])
@@ -405,17 +401,7 @@ class MemoryClient(ComponentClient):
             # reply is ours. All bookkeeping happens before the send or after
             # the reply: Python work while the round trip runs delays gRPC's
             # threads.
-            if len(stores) > memwire.MAX_PAGES or len(fetch_addrs) > memwire.MAX_PAGES:
-                raise ValueError(f"at most {memwire.MAX_PAGES} pages to store and to fetch per message")
-            rid = self._next_id
-            self._next_id += 1
-            if stores:
-                self._seq += 1
-                addrs, datas = memwire.split_stores(stores)
-                parts = memwire.request_parts(rid, space, self._seq, addrs, datas, fetch_addrs)
-            else:
-                addrs = ()
-                parts = memwire.request_parts(rid, space, 0, (), (), fetch_addrs)
+            rid, addrs, parts = self._frame(space, stores, fetch_addrs)
             row = self._row(op)
             start = time.perf_counter()
             try:

@@ -434,60 +434,55 @@ class ExCache:
             stopped = self._make_room(tracer, tid, incoming)
             if len(self.resident) + incoming > self.manager.capacity:
                 del group[1:]  # no room was made (put off): the missed page alone
-        try:
-            if page in self.stored:
-                # (memoryviews of the replies: the rest is mapped from them in place)
-                if arrived is not None and page in arrived:
-                    datas = [arrived[p] for p in group]
+        try:  # (whatever happens, a thread left asleep is woken at the end)
+            try:
+                if page in self.stored:
+                    # (memoryviews of the replies: the rest is mapped from them in place)
+                    if arrived is not None and page in arrived:
+                        datas = [arrived[p] for p in group]
+                    else:
+                        datas = self._fetch(group, views=True)
+                    stats.fetches += len(group)
+                    stats.prefetched += len(group) - 1
+                    # the faulting page first, its thread woken at the end of this
+                    # fault: it shares legorun's CPU, and woken at once it preempts
+                    # legorun between the copies, to fault on the next page not yet
+                    # there (records at 25%, 3 alternated pairs: 3.76 -> 3.57 s)
+                    first = datas[0]
+                    self.uffd.copy(page, ZERO if first is None else bytes(first),
+                                   wp=not write, wake=len(group) == 1)  # EEXIST: it is there
+                    wake_late = len(group) > 1
+                    self.resident[page] = None
+                    if first is not None and self._printing(len(group)):
+                        self.prints[page] = PC.fingerprint(first)
+                    # the rest write-protected, one UFFDIO_COPY per run (pages made
+                    # resident or dropped meanwhile are skipped; at EAGAIN the layout
+                    # is changing and the rest is left to their faults)
+                    if len(group) > 1:
+                        PC.install(self.uffd.fd, group[1:], datas[1:], True,
+                                   self.prints if self.printing else None,
+                                   (self.resident, self.stored, self.ahead))
+                elif len(group) > 1 and (self.uffd.copy_zeros(page, len(group) * PAGE) if write
+                                         else self.uffd.zero(page, len(group) * PAGE)):
+                    # a write fault: what follows is most likely written too (an
+                    # arena, a memset), so fresh pages rather than the zero page,
+                    # which would cost the guest a copy-on-write fault per page
+                    stats.zero_fills += len(group)
+                    for p in group:
+                        self.resident[p] = None
                 else:
-                    datas = self._fetch(group, views=True)
-                stats.fetches += len(group)
-                stats.prefetched += len(group) - 1
-                # the faulting page first, its thread woken at the end of this
-                # fault: it shares legorun's CPU, and woken at once it preempts
-                # legorun between the copies, to fault on the next page not yet
-                # there (records at 25%, 3 alternated pairs: 3.76 -> 3.57 s)
-                first = datas[0]
-                late = len(group) > 1
-                self.uffd.copy(page, ZERO if first is None else bytes(first),
-                               wp=not write, wake=not late)  # EEXIST: it is there
-                wake_late = late
-                self.resident[page] = None
-                if first is not None and self._printing(len(group)):
-                    self.prints[page] = PC.fingerprint(first)
-                # the rest write-protected, one UFFDIO_COPY per run (pages made
-                # resident or dropped meanwhile are skipped; at EAGAIN the layout
-                # is changing and the rest is left to their faults)
-                if len(group) > 1:
-                    PC.install(self.uffd.fd, group[1:], datas[1:], True,
-                               self.prints if self.printing else None,
-                               (self.resident, self.stored, self.ahead))
-            elif len(group) > 1 and (self.uffd.copy_zeros(page, len(group) * PAGE) if write
-                                     else self.uffd.zero(page, len(group) * PAGE)):
-                # a write fault: what follows is most likely written too (an
-                # arena, a memset), so fresh pages rather than the zero page,
-                # which would cost the guest a copy-on-write fault per page
-                stats.zero_fills += len(group)
-                for p in group:
-                    self.resident[p] = None
-            else:
-                stats.zero_fills += 1
-                if not (self.uffd.copy_zeros(page, PAGE) if write else self.uffd.zero(page)):
-                    self.uffd.wake(page, PAGE)
-                self.resident[page] = None
-        except BaseException as e:
-            if wake_late:
-                self.uffd.wake(page, PAGE)
-            if not isinstance(e, BlockingIOError):
-                raise
-            # EAGAIN: the mm is changing (an event not yet read, e.g. legorun's
-            # own madvise in flight): the fault is served again later
-            if stopped:
-                pt.cont(tid)
-            return False
-        stats.faults += 1
-        stats.peak_resident = max(stats.peak_resident, len(self.resident))
-        try:
+                    stats.zero_fills += 1
+                    if not (self.uffd.copy_zeros(page, PAGE) if write else self.uffd.zero(page)):
+                        self.uffd.wake(page, PAGE)
+                    self.resident[page] = None
+            except BlockingIOError:
+                # EAGAIN: the mm is changing (an event not yet read, e.g. legorun's
+                # own madvise in flight): the fault is served again later
+                if stopped:
+                    pt.cont(tid)
+                return False
+            stats.faults += 1
+            stats.peak_resident = max(stats.peak_resident, len(self.resident))
             if stopped:
                 pt.cont(tid)
             if later:  # the stream runs on: ask for its next window (after the

@@ -196,9 +196,11 @@ class PageStream:
         if kind == "reset":
             return f"stream reset by the server ({_H2_ERRORS.get(code, code)})"
         if kind == "goaway":
+            if code == 0:
+                return "server shut down"
             text = debug.decode(errors="replace").strip()
-            return "server shut down" if code == 0 else \
-                f"connection ended by the server ({_H2_ERRORS.get(code, code)}{': ' + text if text else ''})"
+            detail = f"{_H2_ERRORS.get(code, code)}: {text}" if text else _H2_ERRORS.get(code, code)
+            return f"connection ended by the server ({detail})"
         if kind == "eof":
             return "connection closed"
         if kind == "errno":

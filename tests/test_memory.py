@@ -81,6 +81,16 @@ def _run_sampling_rss_anon(cmd, exe, env=None):
     return p, out, err, peak
 
 
+def _bad_0_within_1m(mcomponent, tmp_path, exe, *args, timeout=120) -> dict:
+    """Run the C guest `exe` (it prints "bad 0" when every byte read back)
+    under a 1 MiB ExCache; returns the run's stats (--stats-json)."""
+    r = legorun([exe, *args], stats_file=tmp_path / "s.json", timeout=timeout,
+                options=("--mem", mcomponent, "--excache", "1M"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "bad 0\n"
+    return r.stats
+
+
 def _run_within_1m(mcomponent, tmp_path, exe, *args, env=None):
     """Run the C guest `exe` (it prints "bad 0" when every byte read back)
     under a 1 MiB ExCache; its RssAnon, sampled, stays within the ExCache plus
@@ -176,11 +186,7 @@ int main(int argc, char **argv) {
 def test_pages_read_but_not_written_since_their_fetch_are_dropped_without_a_write_back(
         mcomponent, tmp_path):
     exe = compile_c(tmp_path, "readonly", READ_C)
-    r = legorun([exe, "8", "3"], stats_file=tmp_path / "s.json",
-                options=("--mem", mcomponent, "--excache", "1M"))
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == "bad 0\n"
-    ex = r.stats["excache"]
+    ex = _bad_0_within_1m(mcomponent, tmp_path, exe, "8", "3")["excache"]
     pages = 8 * 256
     # written once (about 2048 pages stored), then fetched and dropped clean three times
     assert pages * 0.9 <= ex["writebacks"] <= pages * 1.1, ex
@@ -229,11 +235,7 @@ def test_written_pages_back_to_what_was_fetched_are_not_written_back_and_keep_ev
     written again with its old bytes is written back all the same (the
     mComponent no longer holds them)."""
     exe = compile_c(tmp_path, "unchanged", UNCHANGED_C)
-    r = legorun([exe, "8", "3"], stats_file=tmp_path / "s.json",
-                options=("--mem", mcomponent, "--excache", "1M"))
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == "bad 0\n"
-    ex = r.stats["excache"]
+    ex = _bad_0_within_1m(mcomponent, tmp_path, exe, "8", "3")["excache"]
     pages = 8 * 256
     # stored once when first written, then unchanged at every pass; the
     # discarded ranges are stored again
@@ -259,13 +261,8 @@ int main(int argc, char **argv) {
 
 
 def test_sequential_scans_up_and_down_are_fetched_in_large_windows(mcomponent, tmp_path):
-    exe = compile_c(tmp_path, "scan", SCAN_C)
-    r = legorun([exe, "8"], stats_file=tmp_path / "s.json",
-                options=("--mem", mcomponent, "--excache", "1M"))
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == "bad 0\n"
-    ex = r.stats["excache"]
-    ops = r.stats["rpcs"]["mComponent"]
+    stats = _bad_0_within_1m(mcomponent, tmp_path, compile_c(tmp_path, "scan", SCAN_C), "8")
+    ex, ops = stats["excache"], stats["rpcs"]["mComponent"]
     frames = sum(ops[k]["count"] for k in ("fetch", "readahead") if k in ops)
     # two scans of ~7 MiB evicted (~3,600 pages), the downward one included:
     # one page per RPC would be ~3,600 frames, fault-around alone ~230
@@ -417,12 +414,7 @@ int main(void) {
 
 def test_a_huge_reservation_made_usable_by_mprotect_piece_by_piece_keeps_every_byte(
         mcomponent, tmp_path):
-    exe = compile_c(tmp_path, "grow", GROW_C)
-    r = legorun([exe], stats_file=tmp_path / "s.json",
-                options=("--mem", mcomponent, "--excache", "1M"))
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == "bad 0\n"
-    ex = r.stats["excache"]
+    ex = _bad_0_within_1m(mcomponent, tmp_path, compile_c(tmp_path, "grow", GROW_C))["excache"]
     assert ex["evictions"] > 3 * 2048 and ex["peak_resident"] <= ex["capacity_pages"], ex
     assert _held(mcomponent) == (0, 0)
 
@@ -486,11 +478,7 @@ def test_threads_that_exit_while_others_fault_and_are_evicted_are_joined(mcompon
     of the threads before it (MADV_DONTNEED). Before the fix 3 runs in 4 hung
     in pthread_join: that page could not be mapped for an event not read."""
     exe = compile_c(tmp_path, "threads", THREADS_C, flags=("-pthread",))
-    r = legorun([exe, "4", "1", "40"], stats_file=tmp_path / "s.json", timeout=120,
-                options=("--mem", mcomponent, "--excache", "1M"))
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == "bad 0\n"
-    ex = r.stats["excache"]
+    ex = _bad_0_within_1m(mcomponent, tmp_path, exe, "4", "1", "40")["excache"]
     assert ex["made_local"] == 0 and ex["evictions"] > 20 * 1024, ex
     assert _held(mcomponent) == (0, 0)
 

@@ -44,6 +44,7 @@ from typing import Sequence
 import grpc
 
 from legorun import memwire, pagestream
+from legorun.memory import pagecore as PC
 from legorun.errors import ComponentError
 from legorun.memwire import PAGE_SIZE, REP
 from legorun.proto import memory_pb2 as pb
@@ -357,17 +358,9 @@ class MemoryClient(ComponentClient):
             row[1] += 1
             raise MemoryRefused(self.name, self.address, err, what)
         base = REP.size
-        results: list = []
-        if nf:
-            off = base + ns + nf
-            data = memoryview(raw)
-            for st in bytes(raw[base + ns:base + ns + nf]):
-                if st == 0:  # (without views, pages of their own)
-                    page = data[off:off + PAGE_SIZE]
-                    results.append(page if views else bytes(page))
-                    off += PAGE_SIZE
-                else:
-                    results.append(None)
+        results = PC.views(raw, base + ns, nf) if nf else []
+        if not views:  # pages of their own
+            results = [None if page is None else bytes(page) for page in results]
         row[5] += len(addrs) + nf
         if ns:
             status = bytes(raw[base:base + ns])
@@ -462,6 +455,23 @@ class MemoryClient(ComponentClient):
         the reply in place)."""
         with self._lock:
             return self._result(ticket, "page frame", views)
+
+    def collect_reply(self, ticket: int) -> tuple:
+        """collect() of a frame that only fetched, left unparsed: (the reply,
+        where its status bytes begin), for pagecore.views or take; its pages
+        are the frame's fetch addresses in order. Raises as collect() does."""
+        with self._lock:
+            raw = self._wait(ticket)
+            addrs, nfetch, row = self._info.pop(ticket)
+            _, err, ns, nf, _ = REP.unpack_from(raw)
+            if err:
+                row[1] += 1
+                raise MemoryRefused(self.name, self.address, err, "page frame")
+            if ns or addrs or nf != nfetch:
+                raise self._fail_pages(f"protocol error: page reply {ticket} does not "
+                                       f"answer its frame")
+            row[5] += nf
+            return raw, REP.size
 
     def forget(self, ticket: int) -> None:
         """Drop the reply of a submit() when it comes, errors included (for a

@@ -16,6 +16,7 @@ C = pytest.importorskip("legorun._ext.pagecore")
 IMPLS = {"C": C, "Python": pagecore}
 # the reference functions, whichever pagecore selected at import
 PY = {name: getattr(pagecore, "_py_" + name) for name in ("absent", "classify", "read_pages", "install")}
+PY_VIEWS, PY_TAKE = pagecore._py_views, pagecore._py_take
 
 
 def _addr(m: mmap.mmap) -> int:
@@ -245,3 +246,54 @@ def test_install_maps_views_of_one_reply_in_place_and_views_apart_gathered(impl,
     assert [m[i * PAGE] for i in (0, 1, 2, 3, 5, 6, 7, 8)] == [1, 2, 3, 4, 6, 9, 0, 5]
     assert m[:4 * PAGE] == bytes(reply[6:6 + 4 * PAGE])
     assert m[8 * PAGE:9 * PAGE] == b"\x05" * PAGE
+
+
+def _reply(statuses: bytes, pages: list) -> bytes:
+    """A page reply's tail as views() and take() read it: a 3-byte header of
+    its own here, the statuses, then the pages present."""
+    return b"hdr" + statuses + b"".join(pages)
+
+
+@pytest.mark.parametrize("impl", ["C", "Python"])
+def test_views_are_the_pages_present_in_a_reply_and_none_for_absent_ones(impl):
+    views = getattr(C, "views") if impl == "C" else PY_VIEWS
+    a, b = bytes([1]) * PAGE, bytes([2]) * PAGE
+    raw = bytearray(_reply(bytes([0, 2, 0]), [a, b]))
+    got = views(raw, 3, 3)
+    assert [None if v is None else bytes(v) for v in got] == [a, None, b]
+    # views of the reply itself, in place, back to back
+    raw[3 + 3] = 9
+    assert got[0][0] == 9
+    assert views(raw, 3, 0) == []
+    for at, n in ((3, 4), (-1, 1), (len(raw), 1)):  # statuses beyond the reply
+        with pytest.raises(ValueError):
+            views(raw, at, n)
+    with pytest.raises(ValueError):  # a page announced but not there
+        views(_reply(bytes([0, 0]), [a]), 3, 2)
+
+
+@pytest.mark.parametrize("impl", ["C", "Python"])
+def test_take_sorts_a_readahead_reply_out_for_the_faulting_page(impl):
+    take = getattr(C, "take") if impl == "C" else PY_TAKE
+    pages = [p * PAGE for p in range(10, 16)]
+    datas = [bytes([p]) * PAGE for p in range(10, 16)]
+    statuses = bytes([0, 0, 2, 0, 0, 0])         # page 12: absent (zeros)
+    raw = _reply(statuses, [d for d, s in zip(datas, statuses) if s == 0])
+    # 11 faulted in meanwhile (its entry went), 14 asked for again by ticket 8
+    inflight = {p: 7 for p in pages if p not in (11 * PAGE, 14 * PAGE)}
+    inflight[14 * PAGE] = 8
+    inflight[99 * PAGE] = 7
+    resident = dict.fromkeys([15 * PAGE])        # in flight still, and resident
+    found, first, group, got = take(raw, 3, pages, 7, inflight, resident, 13 * PAGE)
+    assert found and bytes(first) == datas[3]
+    assert group == [10 * PAGE, 12 * PAGE]
+    assert bytes(got[0]) == datas[0] and got[1] is None
+    # this ticket's pages left `inflight`; another ticket's and pages not in it stay
+    assert inflight == {14 * PAGE: 8, 99 * PAGE: 7}
+    # the faulting page no longer in flight for it: not found
+    inflight = {10 * PAGE: 7}
+    found, first, group, got = take(raw, 3, pages, 7, inflight, {}, 13 * PAGE)
+    assert (found, first, group, [bytes(d) for d in got]) == (False, None, [10 * PAGE], [datas[0]])
+    assert inflight == {}
+    with pytest.raises(ValueError):
+        take(raw, 3, pages + [16 * PAGE, 17 * PAGE], 7, {}, {}, 13 * PAGE)

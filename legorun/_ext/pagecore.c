@@ -615,6 +615,136 @@ fail:
     return NULL;
 }
 
+/* ---- views(reply, at, n) and take(reply, at, pages, ticket, inflight,
+   resident, page): a fetch reply's pages as memoryviews of the reply (each
+   keeps it alive), without a Python loop over its statuses.
+   The reply: n status bytes at `at`, then the bytes of each page whose
+   status is 0, back to back. */
+
+/* The reply's bytes, checked to hold n statuses at `at` and the pages they
+   announce; its memoryview in *mv. -1 with an exception set otherwise. */
+static int reply_open(PyObject *reply, Py_ssize_t at, Py_ssize_t n, Py_buffer *b, PyObject **mv)
+{
+    if (PyObject_GetBuffer(reply, b, PyBUF_SIMPLE) < 0)
+        return -1;
+    Py_ssize_t present = 0;
+    if (at >= 0 && n >= 0 && at + n <= b->len) {
+        const unsigned char *st = (const unsigned char *)b->buf + at;
+        for (Py_ssize_t k = 0; k < n; k++)
+            present += st[k] == 0;
+    }
+    if (at < 0 || n < 0 || at + n > b->len || at + n + present * (Py_ssize_t)PAGE > b->len) {
+        PyBuffer_Release(b);
+        PyErr_SetString(PyExc_ValueError, "page reply shorter than its statuses say");
+        return -1;
+    }
+    *mv = PyMemoryView_FromObject(reply);
+    if (!*mv) {
+        PyBuffer_Release(b);
+        return -1;
+    }
+    return 0;
+}
+
+/* the k-th page's data: a view of the reply at *off (advanced), or None */
+static PyObject *reply_page(PyObject *mv, const unsigned char *st, Py_ssize_t k, Py_ssize_t *off)
+{
+    if (st[k] != 0)
+        Py_RETURN_NONE;
+    PyObject *v = PySequence_GetSlice(mv, *off, *off + (Py_ssize_t)PAGE);
+    *off += (Py_ssize_t)PAGE;
+    return v;
+}
+
+static PyObject *views(PyObject *self, PyObject *args)
+{
+    PyObject *reply, *mv;
+    Py_ssize_t at, n;
+    Py_buffer b;
+    if (!PyArg_ParseTuple(args, "Onn", &reply, &at, &n) || reply_open(reply, at, n, &b, &mv) < 0)
+        return NULL;
+    const unsigned char *st = (const unsigned char *)b.buf + at;
+    Py_ssize_t off = at + n;
+    PyObject *out = PyList_New(n);
+    for (Py_ssize_t k = 0; out && k < n; k++) {
+        PyObject *v = reply_page(mv, st, k, &off);
+        if (!v)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, k, v);
+    }
+    Py_DECREF(mv);
+    PyBuffer_Release(&b);
+    return out;
+}
+
+static PyObject *take(PyObject *self, PyObject *args)
+{
+    PyObject *reply, *pages, *ticket, *inflight, *resident, *page, *mv;
+    Py_ssize_t at;
+    Py_buffer b;
+    if (!PyArg_ParseTuple(args, "OnO!OO!OO", &reply, &at, &PyList_Type, &pages, &ticket,
+                          &PyDict_Type, &inflight, &resident, &page))
+        return NULL;
+    if (!PyDict_Check(resident)) {
+        PyErr_SetString(PyExc_TypeError, "take: resident must be a dict");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(pages);
+    if (reply_open(reply, at, n, &b, &mv) < 0)
+        return NULL;
+    const unsigned char *st = (const unsigned char *)b.buf + at;
+    Py_ssize_t off = at + n;
+    PyObject *group = PyList_New(0), *datas = PyList_New(0), *first = NULL, *result = NULL;
+    if (!group || !datas)
+        goto done;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *p = PyList_GET_ITEM(pages, k);
+        PyObject *v = reply_page(mv, st, k, &off);
+        if (!v)
+            goto done;
+        PyObject *t = PyDict_GetItemWithError(inflight, p);   /* borrowed */
+        int ours = t ? PyObject_RichCompareBool(t, ticket, Py_EQ) : 0;
+        if (ours < 0 || (!t && PyErr_Occurred())) {
+            Py_DECREF(v);
+            goto done;
+        }
+        if (!ours) {  /* faulted in, dropped or moved since it was asked for */
+            Py_DECREF(v);
+            continue;
+        }
+        Py_INCREF(p);  /* (the dict may hold the list's only other reference) */
+        int r = PyDict_DelItem(inflight, p), same = r < 0 ? -1 : PyObject_RichCompareBool(p, page, Py_EQ);
+        int res = same == 0 ? PyDict_Contains(resident, p) : 0;
+        if (same < 0 || res < 0) {
+            Py_DECREF(p);
+            Py_DECREF(v);
+            goto done;
+        }
+        if (same) {
+            Py_XSETREF(first, v);
+        } else if (!res) {
+            if (PyList_Append(group, p) < 0 || PyList_Append(datas, v) < 0) {
+                Py_DECREF(p);
+                Py_DECREF(v);
+                goto done;
+            }
+            Py_DECREF(v);
+        } else {
+            Py_DECREF(v);
+        }
+        Py_DECREF(p);
+    }
+    result = Py_BuildValue("(OOOO)", first ? Py_True : Py_False, first ? first : Py_None, group, datas);
+done:
+    Py_XDECREF(first);
+    Py_XDECREF(group);
+    Py_XDECREF(datas);
+    Py_DECREF(mv);
+    PyBuffer_Release(&b);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"runs", runs, METH_O,
      "runs(pages) -> [(start, length)] of the contiguous runs of the sorted page addresses"},
@@ -626,6 +756,10 @@ static PyMethodDef methods[] = {
      "read_pages(pid, mem_fd, pages, prints=None) -> (addrs, data, zeros, gone, same)"},
     {"install", install, METH_VARARGS,
      "install(uffd_fd, pages, datas, wp, prints=None, books=None) -> (pages mapped, stopped by EAGAIN)"},
+    {"views", views, METH_VARARGS,
+     "views(reply, at, n) -> for each of the n statuses at `at`, a memoryview of its page or None"},
+    {"take", take, METH_VARARGS,
+     "take(reply, at, pages, ticket, inflight, resident, page) -> (found, page's data, others, their data)"},
     {"fingerprint", fingerprint, METH_O,
      "fingerprint(page) -> 32 bytes: NH of the 4096 bytes under this process's random key"},
     {NULL, NULL, 0, NULL},

@@ -400,10 +400,14 @@ class ExCache:
         if stored and page in self.ghost:  # 2Q: evicted a moment ago, wanted again
             self._refault(page)
         region = self._region(page) if not stored else None
-        arrived = hint = None  # page -> data, from a readahead fetch sent earlier
+        arrived = None  # the data of group, from a readahead fetch sent earlier
+        hint = None
         if stored and page in self.inflight:
-            arrived, hint = self._arrived(self.inflight[page], page)
-            group += [p for p in arrived if p != page and p not in self.resident]
+            came, hint = self._arrived(self.inflight[page], page)
+            if came is not None:
+                first, rest, datas = came
+                group += rest
+                arrived = [first] + datas
         later = ()
         # fault-around: the pages that follow come too (not while evicting is
         # impossible: that would only overfill the cache)
@@ -438,8 +442,8 @@ class ExCache:
             try:
                 if page in self.stored:
                     # (memoryviews of the replies: the rest is mapped from them in place)
-                    if arrived is not None and page in arrived:
-                        datas = [arrived[p] for p in group]
+                    if arrived is not None:
+                        datas = arrived[:len(group)]
                     else:
                         datas = self._fetch(group, views=True)
                     stats.fetches += len(group)
@@ -669,24 +673,24 @@ class ExCache:
             self._drop_ticket(next(iter(self.tickets)))
 
     def _arrived(self, ticket: int, page: int) -> tuple:
-        """Collect a readahead reply: page -> data (None: zeros) for the pages
-        still as they were when it was sent (not faulted in, dropped or moved
-        since: those left `inflight`)."""
+        """Collect a readahead reply for a fault at `page`, one of its pages:
+        ((its data, the other pages of the reply still as they were when it
+        was sent (not faulted in, dropped or moved since: those left
+        `inflight`) and not resident, their data (None: zeros)), the stream's
+        hint). The first is None if `page` is not among them (it cannot be:
+        the fault came here because it was in flight for this reply)."""
         pages, (window, down, edge, leap, leapt) = self.tickets.pop(ticket)
-        datas = self.manager.client().collect(ticket, views=True)
+        reply, at = self.manager.client().collect_reply(ticket)
         # the stores sent before it: as in _fetch, a refused one must fail
         # here rather than its pages read as zeros (their replies came first)
         self.collect_writebacks(before=ticket)
         slack = min(window, PREFETCH) * PAGE
         hint = (window, down, leap, leapt) if (edge - slack < page <= edge if down
                                                else edge <= page < edge + slack) else None
-        inflight = self.inflight
-        out = {}
-        for p, d in zip(pages, datas):
-            if inflight.get(p) == ticket:
-                del inflight[p]
-                out[p] = d
-        return out, hint
+        # (views of the reply, sorted out in C where built)
+        found, first, rest, datas = PC.take(reply, at, pages, ticket, self.inflight,
+                                            self.resident, page)
+        return (first, rest, datas) if found else None, hint
 
     def _drop_ticket(self, ticket: int) -> None:
         pages, meta = self.tickets.pop(ticket, ((), None))

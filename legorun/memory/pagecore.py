@@ -192,6 +192,46 @@ def runs(pages: list):
         yield start, prev + PAGE - start
 
 
+def views(reply, at: int, n: int) -> list:
+    """A fetch reply's pages: for each of its `n` status bytes at `at`, a
+    memoryview of the page's bytes (those of the pages present follow the
+    statuses back to back) or None (absent: zeros)."""
+    data = memoryview(reply)
+    if at < 0 or n < 0 or at + n > len(data):
+        raise ValueError("page reply shorter than its statuses say")
+    statuses = bytes(data[at:at + n])
+    off = at + n
+    if off + statuses.count(0) * PAGE > len(data):
+        raise ValueError("page reply shorter than its statuses say")
+    out = []
+    for st in statuses:
+        if st == 0:
+            out.append(data[off:off + PAGE])
+            off += PAGE
+        else:
+            out.append(None)
+    return out
+
+
+def take(reply, at: int, pages: list, ticket, inflight: dict, resident, page: int) -> tuple:
+    """A readahead reply (statuses at `at`, as for views) sorted out for a
+    fault at `page`: the pages still in flight for this ticket leave
+    `inflight` (the others were faulted in, dropped or moved since it was
+    sent); returns (whether `page` is among them, its data, the others among
+    them that are not resident, their data)."""
+    found, first, group, datas = False, None, [], []
+    for p, d in zip(pages, views(reply, at, len(pages))):
+        if inflight.get(p) != ticket:
+            continue
+        del inflight[p]
+        if p == page:
+            found, first = True, d
+        elif p not in resident:
+            group.append(p)
+            datas.append(d)
+    return found, first, group, datas
+
+
 def _select():
     if os.environ.get("LEGORUN_NO_FASTPATH"):
         return None
@@ -209,8 +249,10 @@ def run_list(pages: list) -> list:
 
 _py_absent, _py_classify, _py_read_pages, _py_install = absent, classify, read_pages, install
 _py_run_list, _py_fingerprint = run_list, fingerprint
+_py_views, _py_take = views, take
 _C = _select()
 if _C is not None:
     absent, classify, read_pages, install = _C.absent, _C.classify, _C.read_pages, _C.install
     run_list, fingerprint = _C.runs, _C.fingerprint
+    views, take = _C.views, _C.take
 IMPLEMENTATION = "C" if _C is not None else "Python"

@@ -39,7 +39,7 @@ from legorun import bench as B  # noqa: E402
 PY = sys.executable
 BASELINE_RUNS = 3
 # the benchmarks whose targets are a share of the raw gRPC stream or ping-pong
-AGAINST_STREAM = ("seqio", "randread", "records-25", "pagepath", "pagepath-2q")
+AGAINST_STREAM = ("seqio", "randread", "records-25", "pagepath", "pagepath-fifo")
 
 
 def grpc_baseline(cmd) -> dict | None:
@@ -236,10 +236,11 @@ def main(argv: list[str]) -> int:
                       [PY, sample("pagepath.py"), str(pp_mb), "3000"], ["--excache", "16M"], [],
                       "issue #3: page-in and write-back at least 60% of a raw gRPC stream; "
                       "a single-page fault at p50 at most 40 us more than a ping-pong"))
-        suite.append(("pagepath-2q", f"Memory: the page path as above, with --evict 2q",
+        suite.append(("pagepath-fifo", f"Memory: the page path as above, with --evict fifo",
                       [PY, sample("pagepath.py"), str(pp_mb), "3000"],
-                      ["--excache", "16M", "--evict", "2q"], [],
-                      "the page path's figures with 2Q eviction (no target of its own)"))
+                      ["--excache", "16M", "--evict", "fifo"], [],
+                      "the page path's figures with FIFO eviction, LegoOS's (no target of "
+                      "its own)"))
 
     if a.only:
         keep = set(a.only.split(","))

@@ -30,10 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--excache", metavar="SIZE",
                    help="serve the guest's anonymous memory from an mComponent, keeping at most "
                         "SIZE (K/M/G) of it resident per process (LegoOS's ExCache)")
-    p.add_argument("--evict", choices=("fifo", "clock", "2q"), default="fifo",
-                   help="ExCache eviction policy: fifo (default; LegoOS's best), clock (a page "
-                        "written since the hand last passed gets a second chance) or 2q (FIFO "
-                        "that keeps pages which fault again soon after their eviction)")
+    p.add_argument("--evict", choices=("fifo", "clock", "2q"), default="2q",
+                   help="ExCache eviction policy: 2q (default: FIFO that keeps pages which "
+                        "fault again soon after their eviction), fifo (LegoOS's best) or clock "
+                        "(a page written since the hand last passed gets a second chance)")
     p.add_argument("--mem", metavar="ADDR",
                    help="the mComponent: unix:/path or HOST:PORT; without it, --excache starts a "
                         "local one when first needed")

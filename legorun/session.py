@@ -140,7 +140,7 @@ class Session:
             self._said.add(key)
             self.say(text)
 
-    def enable_memory(self, excache_bytes: int, address: str | None, policy: str = "fifo") -> None:
+    def enable_memory(self, excache_bytes: int, address: str | None, policy: str = "2q") -> None:
         """Remote memory: an ExCache of `excache_bytes` per guest process, pages on
         the mComponent at `address` (or one started here when first needed)."""
         from .memory.excache import PAGE, MemoryManager

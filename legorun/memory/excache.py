@@ -1257,7 +1257,7 @@ def _gaps(start: int, end: int, ranges: list):
 class MemoryManager:
     """The run's remote memory: the mComponent client, the budget, the caches."""
 
-    def __init__(self, capacity_pages: int, connect, policy: str = "fifo", prepare=None) -> None:
+    def __init__(self, capacity_pages: int, connect, policy: str = "2q", prepare=None) -> None:
         self.capacity = max(capacity_pages, 64)
         self.policy = policy        # "fifo", "clock" or "2q" (ExCache._choose)
         # evicted together: one store, few madvise; larger batches for larger caches

@@ -314,7 +314,7 @@ class Tracer:
     def _serve(self, cache) -> None:
         from .memory import uffd as U
         queued, self.pending_uffd = self.pending_uffd, []
-        messages = [m for c, m in queued if c is cache] + list(cache.uffd.messages())
+        messages = [m for c, m in queued if c is cache] + cache.uffd.messages()
         self.pending_uffd += [(c, m) for c, m in queued if c is not cache]
         # The events first: once read, an event no longer holds UFFDIO_COPY
         # back (EAGAIN), so a page served now lands in the mm as the event left
@@ -466,7 +466,7 @@ class Tracer:
         bytes of the REMOVE events of `removing` read (legorun's own drop)."""
         from .memory import uffd as U
         own = 0
-        for m in list(cache.uffd.messages()):
+        for m in cache.uffd.messages():
             if m[0] == U.UFFD_EVENT_REMOVE and removing and removing[0] <= m[1] \
                     and m[2] <= removing[1]:
                 own += m[2] - m[1]

@@ -297,3 +297,51 @@ def test_take_sorts_a_readahead_reply_out_for_the_faulting_page(impl):
     assert inflight == {}
     with pytest.raises(ValueError):
         take(raw, 3, pages + [16 * PAGE, 17 * PAGE], 7, {}, {}, 13 * PAGE)
+
+
+@pytest.mark.parametrize("impl", ["C", "Python"])
+def test_messages_reads_every_fault_waiting_on_the_userfaultfd(impl, registered):
+    """Two threads fault on pages nobody serves yet: one read returns both
+    messages (event, flags, address, thread id); served, the threads go on."""
+    import select
+    import threading
+    import time
+    uffd, m, base = registered
+    read = (lambda: C.messages(uffd.fd)) if impl == "C" else (lambda: list(uffd._messages()))
+    assert read() == []
+    seen = []
+    libc = ctypes.CDLL(None)  # (its calls let go of the GIL: the faulting threads block in them)
+
+    def touch(i: int) -> None:
+        byte = ctypes.c_char()
+        libc.memcpy(ctypes.byref(byte), ctypes.c_void_p(base + i * PAGE), ctypes.c_size_t(1))
+        seen.append(byte.value[0])
+
+    threads = [threading.Thread(target=touch, args=(i,)) for i in (1, 5)]
+    for t in threads:
+        t.start()
+    got, deadline = [], time.monotonic() + 10
+    while len(got) < 2 and time.monotonic() < deadline:
+        select.select([uffd.fd], [], [], 1)
+        got += read()
+    assert sorted(msg[2] for msg in got) == [base + PAGE, base + 5 * PAGE]
+    assert all(msg[0] == U.UFFD_EVENT_PAGEFAULT for msg in got)
+    for i in (1, 5):
+        assert uffd.copy(base + i * PAGE, bytes([i]) * PAGE)
+    for t in threads:
+        t.join(10)
+    assert sorted(seen) == [1, 5]
+    with pytest.raises(OSError):
+        C.messages(-1) if impl == "C" else list(U.Userfaultfd(-1)._messages())
+
+
+def test_within_finds_the_pages_of_a_range_walking_the_range_or_the_collection():
+    from collections import OrderedDict
+    pages = [p * PAGE for p in (1, 2, 5, 9, 40)]
+    for books in (set(pages), dict.fromkeys(pages), OrderedDict.fromkeys(pages)):
+        for start, end in ((0, 6 * PAGE), (2 * PAGE, 3 * PAGE), (0, 1 << 40), (6 * PAGE, 2 * PAGE)):
+            want = sorted(p for p in pages if start <= p < end)
+            assert sorted(C.within(books, start, end)) == want, (type(books), start, end)
+            assert sorted(pagecore._py_within(books, start, end)) == want
+    with pytest.raises(TypeError):
+        C.within(pages, 0, PAGE)

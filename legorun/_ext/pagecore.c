@@ -745,6 +745,103 @@ done:
     return result;
 }
 
+/* ---- messages(uffd_fd): every message waiting on a (non-blocking)
+   userfaultfd now, as (event, a, b, c) tuples (the union as three u64) */
+
+static PyObject *messages(PyObject *self, PyObject *arg)
+{
+    int fd = (int)PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *out = PyList_New(0);
+    if (!out)
+        return NULL;
+    unsigned char buf[64 * 32];
+    for (;;) {
+        ssize_t n = read(fd, buf, sizeof buf);
+        if (n <= 0) {
+            if (n < 0 && errno != EAGAIN && errno != EINTR) {
+                PyErr_SetFromErrnoWithFilename(PyExc_OSError, "read of the userfaultfd");
+                Py_DECREF(out);
+                return NULL;
+            }
+            return out;
+        }
+        for (ssize_t off = 0; off + 32 <= n; off += 32) {
+            uint64_t a, b, c;
+            memcpy(&a, buf + off + 8, 8);
+            memcpy(&b, buf + off + 16, 8);
+            memcpy(&c, buf + off + 24, 8);
+            PyObject *t = Py_BuildValue("(BKKK)", buf[off], (unsigned long long)a,
+                                        (unsigned long long)b, (unsigned long long)c);
+            if (!t || PyList_Append(out, t) < 0) {
+                Py_XDECREF(t);
+                Py_DECREF(out);
+                return NULL;
+            }
+            Py_DECREF(t);
+        }
+    }
+}
+
+/* ---- within(pages, start, end): the page addresses of the set or dict
+   `pages` in [start, end), by whichever is shorter to walk, the range or
+   the collection (an unmap forgets a range from each of the books) */
+
+static PyObject *within(PyObject *self, PyObject *args)
+{
+    PyObject *pages;
+    unsigned long long start, end;
+    if (!PyArg_ParseTuple(args, "OKK", &pages, &start, &end))
+        return NULL;
+    int is_dict = PyDict_Check(pages);
+    if (!is_dict && !PyAnySet_Check(pages)) {
+        PyErr_SetString(PyExc_TypeError, "within: pages must be a set or a dict");
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    if (!out)
+        return NULL;
+    Py_ssize_t size = is_dict ? PyDict_GET_SIZE(pages) : PySet_GET_SIZE(pages);
+    if (end <= start)
+        return out;
+    if ((end - start) / PAGE <= (unsigned long long)size) {
+        for (unsigned long long p = start; p < end; p += PAGE) {
+            PyObject *key = PyLong_FromUnsignedLongLong(p);
+            if (!key)
+                goto fail;
+            int in = is_dict ? PyDict_Contains(pages, key) : PySet_Contains(pages, key);
+            if (in < 0 || (in && PyList_Append(out, key) < 0)) {
+                Py_DECREF(key);
+                goto fail;
+            }
+            Py_DECREF(key);
+        }
+        return out;
+    }
+    PyObject *it = PyObject_GetIter(pages), *key;
+    if (!it)
+        goto fail;
+    while ((key = PyIter_Next(it)) != NULL) {
+        unsigned long long p = PyLong_AsUnsignedLongLong(key);
+        if (p == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();  /* (not a page address: not in the range) */
+        } else if (start <= p && p < end && PyList_Append(out, key) < 0) {
+            Py_DECREF(key);
+            Py_DECREF(it);
+            goto fail;
+        }
+        Py_DECREF(key);
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred())
+        goto fail;
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"runs", runs, METH_O,
      "runs(pages) -> [(start, length)] of the contiguous runs of the sorted page addresses"},
@@ -760,6 +857,10 @@ static PyMethodDef methods[] = {
      "views(reply, at, n) -> for each of the n statuses at `at`, a memoryview of its page or None"},
     {"take", take, METH_VARARGS,
      "take(reply, at, pages, ticket, inflight, resident, page) -> (found, page's data, others, their data)"},
+    {"messages", messages, METH_O,
+     "messages(uffd_fd) -> [(event, a, b, c)]: every message waiting on the userfaultfd now"},
+    {"within", within, METH_VARARGS,
+     "within(pages, start, end) -> the page addresses of the set or dict in [start, end)"},
     {"fingerprint", fingerprint, METH_O,
      "fingerprint(page) -> 32 bytes: NH of the 4096 bytes under this process's random key"},
     {NULL, NULL, 0, NULL},

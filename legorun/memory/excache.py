@@ -263,18 +263,18 @@ class ExCache:
         return lo, hi
 
     def _forget(self, start: int, end: int) -> None:
-        for page in _pages_in(self.inflight, start, end):
+        for page in PC.within(self.inflight, start, end):
             del self.inflight[page]  # its readahead data is stale now
-        for page in _pages_in(self.prints, start, end):
+        for page in PC.within(self.prints, start, end):
             del self.prints[page]
-        for page in _pages_in(self.resident, start, end):
+        for page in PC.within(self.resident, start, end):
             del self.resident[page]
             self.ahead.discard(page)
             self.dirty.discard(page)
             self.hot.pop(page, None)
-        for page in _pages_in(self.ghost, start, end):
+        for page in PC.within(self.ghost, start, end):
             del self.ghost[page]
-        self.stored.difference_update(_pages_in(self.stored, start, end))
+        self.stored.difference_update(PC.within(self.stored, start, end))
 
     def unmapped(self, start: int, end: int) -> None:
         self._forget(start, end)
@@ -319,7 +319,7 @@ class ExCache:
     def removed(self, start: int, end: int) -> None:
         """madvise(DONTNEED/FREE) by the guest: the range reads as zeros."""
         mapped = any(r[2] and r[0] < end and start < r[1] for r in self.regions)
-        if mapped and _pages_in(self.stored, start, end):
+        if mapped and PC.within(self.stored, start, end):
             self.remote().discard(self.space, start, end - start)
         self._forget(start, end)
 
@@ -334,12 +334,12 @@ class ExCache:
         self._drop_readahead()
         self.ghost.clear()  # (2Q's memory of the moved pages is not worth moving)
         self.hot.clear()
-        moving = sorted(p for p in _pages_in(self.stored, old, old + length)
+        moving = sorted(p for p in PC.within(self.stored, old, old + length)
                         if p not in self.resident)
-        for page in _pages_in(self.prints, old, old + length):
+        for page in PC.within(self.prints, old, old + length):
             del self.prints[page]  # (moved, a page is stored anew: see below)
         moved = OrderedDict()
-        for page in sorted(_pages_in(self.resident, old, old + length)):
+        for page in sorted(PC.within(self.resident, old, old + length)):
             del self.resident[page]
             moved[page + delta] = None
             self.ahead.discard(page)
@@ -349,7 +349,7 @@ class ExCache:
         self.resident.update(moved)
         # a moved resident page is no longer held at its new address: it is
         # read and stored at its eviction, clean or not (see evict)
-        self.stored.difference_update(_pages_in(self.stored, old, old + length))
+        self.stored.difference_update(PC.within(self.stored, old, old + length))
         if not self.created:
             self._move_regions(old, new, length)
             return
@@ -1229,14 +1229,6 @@ def _runs_covered(runs: list, result: int) -> int:
         result -= length
         done += 1
     return done
-
-
-def _pages_in(pages, start: int, end: int) -> list:
-    """The page addresses of the set or dict `pages` in [start, end), by
-    whichever is shorter to walk: the range or the collection."""
-    if (end - start) // PAGE <= len(pages):
-        return [p for p in range(start, end, PAGE) if p in pages]
-    return [p for p in pages if start <= p < end]
 
 
 def _gaps(start: int, end: int, ranges: list):

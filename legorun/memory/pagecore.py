@@ -232,6 +232,14 @@ def take(reply, at: int, pages: list, ticket, inflight: dict, resident, page: in
     return found, first, group, datas
 
 
+def within(pages, start: int, end: int) -> list:
+    """The page addresses of the set or dict `pages` in [start, end), by
+    whichever is shorter to walk: the range or the collection."""
+    if (end - start) // PAGE <= len(pages):
+        return [p for p in range(start, end, PAGE) if p in pages]
+    return [p for p in pages if start <= p < end]
+
+
 def _select():
     if os.environ.get("LEGORUN_NO_FASTPATH"):
         return None
@@ -249,10 +257,10 @@ def run_list(pages: list) -> list:
 
 _py_absent, _py_classify, _py_read_pages, _py_install = absent, classify, read_pages, install
 _py_run_list, _py_fingerprint = run_list, fingerprint
-_py_views, _py_take = views, take
+_py_views, _py_take, _py_within = views, take, within
 _C = _select()
 if _C is not None:
     absent, classify, read_pages, install = _C.absent, _C.classify, _C.read_pages, _C.install
     run_list, fingerprint = _C.runs, _C.fingerprint
-    views, take = _C.views, _C.take
+    views, take, within = _C.views, _C.take, _C.within
 IMPLEMENTATION = "C" if _C is not None else "Python"

@@ -173,7 +173,13 @@ class Userfaultfd:
         # the thread was woken by the unmap)
 
     def messages(self):
-        """Every message waiting now, as (event, a, b, c) tuples."""
+        """Every message waiting now, as (event, a, b, c) tuples (a list, read
+        in C where built)."""
+        if _c_messages is not None:
+            return _c_messages(self.fd)
+        return list(self._messages())
+
+    def _messages(self):
         buf = self._msgs
         while True:
             n = _read(self.fd, buf, len(buf))
@@ -189,3 +195,18 @@ class Userfaultfd:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _select_messages():
+    """pagecore's messages() where it was built (LEGORUN_NO_FASTPATH=1: this
+    module's own loop, as pagecore.py does for its functions)."""
+    if os.environ.get("LEGORUN_NO_FASTPATH"):
+        return None
+    try:
+        from .._ext.pagecore import messages
+    except ImportError:
+        return None
+    return messages
+
+
+_c_messages = _select_messages()

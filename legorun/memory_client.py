@@ -46,7 +46,7 @@ import grpc
 from legorun import memwire, pagestream
 from legorun.memory import pagecore as PC
 from legorun.errors import ComponentError
-from legorun.memwire import PAGE_SIZE, REP
+from legorun.memwire import REP
 from legorun.proto import memory_pb2 as pb
 from legorun.grpc_base import ComponentClient, _reason
 from legorun.pagestream import StreamBroken

@@ -62,6 +62,8 @@ setup(
                            extra_compile_args=["-O2"]),
                  Extension("legorun._ext.pagecore", ["legorun/_ext/pagecore.c"],
                            extra_compile_args=["-O2"]),
+                 Extension("legorun._ext.mstore", ["legorun/_ext/mstore.c"],
+                           extra_compile_args=["-O2"]),
                  Extension("legorun._ext.h2stream", ["legorun/_ext/h2stream.c"],
                            extra_compile_args=["-O2", "-pthread"], extra_link_args=["-pthread"])],
 )

@@ -86,6 +86,83 @@ class Page:
         self.refs = 1
 
 
+def _store_py(pages: dict, frame, store_addrs, data_off: int, seq: int, region_at,
+              held: int, capacity: int, page_type, status) -> tuple:
+    """Apply a frame's stores to `pages` (address -> Page): status[k] says
+    what became of the k-th. Returns (bytes held after, pages stored,
+    refused for capacity, change in pages with data). The reference for
+    legorun/_ext/mstore.c's store()."""
+    region = None
+    stored = nomem = added = 0
+    for k, addr in enumerate(store_addrs):
+        if region is None or not region.start <= addr < region.end:
+            region = region_at(addr)
+        if region is None:
+            status[k] = memwire.NO_REGION
+            continue
+        if seq and seq <= region.floor:
+            status[k] = memwire.STALE
+            continue
+        p = pages.get(addr)
+        if p is not None and seq and seq <= p.version:
+            status[k] = memwire.STALE
+            continue
+        off = data_off + k * PAGE_SIZE
+        data = frame[off:off + PAGE_SIZE]
+        if data == ZERO_PAGE:
+            data = None
+        old = p.data if p is not None else None
+        if data is not None and (p is None or p.refs > 1 or old is None):
+            if held + PAGE_SIZE > capacity:
+                status[k] = memwire.NO_MEMORY
+                nomem += 1
+                continue
+            held += PAGE_SIZE
+        if p is None:
+            pages[addr] = page_type(data, seq)
+        elif p.refs == 1:
+            if old is not None and data is None:
+                held -= PAGE_SIZE
+            p.data, p.version = data, seq
+        else:  # shared with a fork: copy on store
+            p.refs -= 1
+            pages[addr] = page_type(data, seq)
+        added += (data is not None) - (old is not None)
+        stored += 1
+    return held, stored, nomem, added
+
+
+def _fetch_py(pages: dict, fetch_addrs, status, k: int, out: list) -> int:
+    """Append the data of each fetched page held to `out`, in order; the
+    others (never stored, or stored as zeros) get ABSENT at status[k + i].
+    Returns how many were appended. The reference for mstore.c's fetch()."""
+    fetched = 0
+    get = pages.get
+    for i, addr in enumerate(fetch_addrs):
+        p = get(addr)
+        if p is not None and p.data is not None:
+            out.append(p.data)
+            fetched += 1
+        else:
+            status[k + i] = memwire.ABSENT
+    return fetched
+
+
+def _select():
+    if os.environ.get("LEGORUN_NO_FASTPATH"):
+        return None
+    try:
+        from legorun._ext import mstore
+    except ImportError:  # no compiler at install time: Python serves
+        return None
+    return mstore
+
+
+_C = _select()
+_store, _fetch = (_C.store, _C.fetch) if _C is not None else (_store_py, _fetch_py)
+IMPLEMENTATION = "C" if _C is not None else "Python"
+
+
 class Region:
     """[start, end) of a space; ``floor``: stores with seq <= floor are stale."""
 
@@ -379,65 +456,15 @@ class MemoryStore:
     def pages(self, s: Space, seq: int, frame: bytes, store_addrs, data_off: int,
               fetch_addrs, rid: int) -> bytes:
         """Apply the stores, answer the fetches; returns the reply frame."""
-        pages = s.pages
         status = bytearray(len(store_addrs) + len(fetch_addrs))
-        k = 0
-        region = None
-        stored = nomem = 0
-        capacity = self.capacity
-        for addr in store_addrs:
-            off = data_off + k * PAGE_SIZE
-            if region is None or not region.start <= addr < region.end:
-                region = s.region_at(addr)
-            if region is None:
-                status[k] = memwire.NO_REGION
-            elif seq and seq <= region.floor:
-                status[k] = memwire.STALE
-            else:
-                p = pages.get(addr)
-                if p is not None and seq and seq <= p.version:
-                    status[k] = memwire.STALE
-                else:
-                    data = frame[off:off + PAGE_SIZE]
-                    if data == ZERO_PAGE:
-                        data = None
-                    old = p.data if p is not None else None
-                    if data is not None and (p is None or p.refs > 1 or old is None):
-                        if self.held + PAGE_SIZE > capacity:
-                            status[k] = memwire.NO_MEMORY
-                            nomem += 1
-                            k += 1
-                            continue
-                        self.held += PAGE_SIZE
-                    if p is None:
-                        pages[addr] = Page(data, seq)
-                    elif p.refs == 1:
-                        if old is not None and data is None:
-                            self.held -= PAGE_SIZE
-                        p.data, p.version = data, seq
-                    else:  # shared with a fork: copy on store
-                        p.refs -= 1
-                        pages[addr] = Page(data, seq)
-                    s.npages += (data is not None) - (old is not None)
-                    stored += 1
-            k += 1
+        self.held, stored, nomem, added = _store(
+            s.pages, frame, store_addrs, data_off, seq, s.region_at, self.held,
+            self.capacity, Page, status)
+        s.npages += added
         if seq > s.max_seq:
             s.max_seq = seq
         out = [REP.pack(rid, 0, len(store_addrs), len(fetch_addrs), 0), b""]
-        append = out.append
-        get = pages.get
-        absent = memwire.ABSENT
-        for addr in fetch_addrs:
-            p = get(addr)
-            if p is not None:
-                data = p.data
-                if data is not None:
-                    append(data)
-                    k += 1
-                    continue
-            status[k] = absent
-            k += 1
-        fetched = len(out) - 2
+        fetched = _fetch(s.pages, fetch_addrs, status, len(store_addrs), out) if fetch_addrs else 0
         out[1] = status
         c = self.counts
         c["pages_stored"] += stored

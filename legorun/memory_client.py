@@ -102,6 +102,8 @@ class _Stream:
     def send(self, parts) -> None:
         self.requests.put(b"".join(parts))
 
+    post = send  # (gRPC's own thread writes it)
+
     def recv(self) -> bytes:
         try:
             return next(self.responses)
@@ -296,14 +298,16 @@ class MemoryClient(ComponentClient):
                                                      fetch_addrs)
         return rid, (), memwire.request_parts(rid, space, 0, (), (), fetch_addrs)
 
-    def _send_frame(self, space: bytes, stores, fetch_addrs, op: str) -> int:
-        """Send one frame (lock held); returns its id."""
+    def _send_frame(self, space: bytes, stores, fetch_addrs, op: str, post: bool = False) -> int:
+        """Send one frame (lock held); returns its id. With `post`, the
+        stream's writer sends it while this returns (the parts must not
+        change meanwhile: see submit)."""
         rid, addrs, parts = self._frame(space, stores, fetch_addrs)
         row = self._row(op)
         try:
             if self._pages is None:
                 self._pages = self._open_pages()
-            self._pages.send(parts)
+            (self._pages.post if post else self._pages.send)(parts)
         except StreamBroken as e:
             raise self._fail_pages(e.reason, e.code) from None
         row[0] += 1
@@ -442,10 +446,13 @@ class MemoryClient(ComponentClient):
 
     def submit(self, space: bytes, stores: Sequence[tuple[int, bytes]] = (),
                fetch_addrs: Sequence[int] = (), kind: str = "submit") -> int:
-        """Send a frame now, without waiting (write-back off the fault path,
-        or a prefetch); returns a ticket for collect() or forget()."""
+        """Send a frame without waiting for its reply (write-back off the
+        fault path, or a prefetch); returns a ticket for collect() or
+        forget(). A frame that stores is written to the socket by the page
+        stream's writer thread, beside the caller: its page data must not
+        change afterwards (bytes, or a memwire.Pages of bytes)."""
         with self._lock:
-            return self._send_frame(space, stores, fetch_addrs, kind)
+            return self._send_frame(space, stores, fetch_addrs, kind, post=bool(stores))
 
     def collect(self, ticket: int, views: bool = False) -> list:
         """The result of a submit(): what store_and_fetch() would return or

@@ -5,9 +5,10 @@ Python threads, which hold the GIL while they copy megabytes; the fault
 path then waits for the GIL as much as for the reply. This stream is the
 same gRPC call on the wire (HTTP/2, gRPC's length-prefixed messages, the
 client's metadata), driven by legorun/_ext/h2stream.c: the caller's thread
-writes each frame to the socket (its pieces with one writev: no join), and a
-reader thread in C, without the GIL, answers the server and assembles the
-replies in buffers that are read in place.
+writes each frame to the socket (its pieces with one writev: no join), or a
+writer thread in C does (post: write-backs, sent while the fault path goes
+on), and a reader thread in C, without the GIL, answers the server and
+assembles the replies in buffers that are read in place.
 
 It opens its own connection to the server, on a Unix socket or plain TCP;
 with TLS, or without the C extension, the grpcio stream serves (so does
@@ -151,8 +152,9 @@ def _errno_reason(err: int) -> str:
 
 class PageStream:
     """One Memory/Pages call on a connection of its own: send(parts) writes
-    one message made of these bytes-like parts, recv() returns the next reply
-    (a memoryview of it). Both raise StreamBroken once the call is over."""
+    one message made of these bytes-like parts, post(parts) has it written
+    by the stream's writer thread instead, recv() returns the next reply
+    (a memoryview of it). All raise StreamBroken once the call is over."""
 
     def __init__(self, address: str, method: str, metadata, reader_cpus=None) -> None:
         fd, authority = _connect(address)
@@ -171,6 +173,15 @@ class PageStream:
         if len(parts) > MAX_PARTS:  # (stores given page by page) one writev takes so many
             parts = (b"".join(parts),)
         if not self._s.send(*parts):
+            raise self._broken()
+
+    def post(self, parts) -> None:
+        """send() without waiting: the stream's writer thread sends it, in
+        order with the rest. The parts must not change until it is written
+        (bytes, or a buffer nobody writes to again)."""
+        if len(parts) > MAX_PARTS:
+            parts = (b"".join(parts),)
+        if not self._s.post(*parts):
             raise self._broken()
 
     def recv(self) -> memoryview:

@@ -97,6 +97,19 @@ def test_a_stopped_server_fails_a_waiting_fetch_or_store_by_keepalive_and_nothin
         server.proc.send_signal(signal.SIGCONT)
         got = within(20, lambda: c.fetch(sid, [BASE + i * P for i in range(4)]))
         assert got in ([page(i) for i in range(4)], [page(i + 9) for i in range(4)])
+        # a write-back handed to the stream's writer thread (submit returns
+        # at once): its failure surfaces when its reply is collected
+        server.proc.send_signal(signal.SIGSTOP)
+        ticket = c.submit(sid, stores=[(BASE + i * P, page(i + 5)) for i in range(4096)])
+        t0 = time.monotonic()
+        with pytest.raises(ComponentError) as e:
+            within(40, lambda: c.collect(ticket))
+        assert str(e.value) == f"mComponent at {server.address}: no answer to keepalive pings"
+        assert time.monotonic() - t0 < 25
+        server.proc.send_signal(signal.SIGCONT)
+        got = within(20, lambda: c.fetch(sid, [BASE + i * P for i in range(4)]))
+        assert got in ([page(i) for i in range(4)], [page(i + 9) for i in range(4)],
+                       [page(i + 5) for i in range(4)])
     finally:
         server.proc.send_signal(signal.SIGCONT)
         c.close()

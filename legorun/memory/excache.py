@@ -440,11 +440,15 @@ class ExCache:
                 ahead = PREFETCH
             else:
                 ahead = ZERO_AROUND
-            for i in range(1, ahead):
-                nxt = page + i * PAGE
-                if nxt in self.resident or nxt in self.stored or region is None or nxt >= region[1]:
-                    break
-                group.append(nxt)
+            # up to the first page resident or stored, within the region
+            # (looked up in C: a write pass zero-fills 256 pages a fault)
+            end = min(page + ahead * PAGE, region[1]) if region is not None else page
+            if end > page + PAGE:
+                taken = PC.within(self.resident, page + PAGE, end) \
+                    + PC.within(self.stored, page + PAGE, end)
+                if taken:
+                    end = min(taken)
+                group += range(page + PAGE, end, PAGE)
             self.zero_next = group[-1] + PAGE
         incoming = len(group) - (page in self.resident)  # (a page served again is there)
         if evict and len(self.resident) + incoming > self.manager.capacity:
@@ -487,8 +491,7 @@ class ExCache:
                     # arena, a memset), so fresh pages rather than the zero page,
                     # which would cost the guest a copy-on-write fault per page
                     stats.zero_fills += len(group)
-                    for p in group:
-                        self.resident[p] = None
+                    self.resident.update(zip(group, repeat(None)))
                 else:
                     stats.zero_fills += 1
                     if not (self.uffd.copy_zeros(page, PAGE) if write else self.uffd.zero(page)):
@@ -1003,11 +1006,12 @@ class ExCache:
         self.dirty.difference_update(victims)
         if self.manager.policy == "2q":
             ghost = self.ghost
-            for page in chosen:  # (oldest first)
-                self.hot.pop(page, None)
-                ghost[page] = None
-            for _ in range(len(ghost) - self.manager.capacity // 2):
-                ghost.popitem(last=False)
+            if self.hot:
+                deque(map(self.hot.pop, chosen, repeat(None)), maxlen=0)
+            ghost.update(zip(chosen, repeat(None)))  # (oldest first)
+            excess = len(ghost) - self.manager.capacity // 2
+            if excess > 0:
+                deque(map(ghost.popitem, repeat(False, excess)), maxlen=0)
         self.stored.update(addrs)
         self.stored.difference_update(zeros)
         stats.not_present += len(gone)

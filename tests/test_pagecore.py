@@ -345,3 +345,25 @@ def test_within_finds_the_pages_of_a_range_walking_the_range_or_the_collection()
             assert sorted(pagecore._py_within(books, start, end)) == want
     with pytest.raises(TypeError):
         C.within(pages, 0, PAGE)
+
+
+def test_choose_takes_the_oldest_pages_but_those_kept_and_passes_over_the_hot_ones():
+    from collections import OrderedDict
+    import random
+    rnd = random.Random(3)
+    for _ in range(200):
+        order = rnd.sample(range(64), 64)
+        resident = OrderedDict.fromkeys(p * PAGE for p in order)
+        pinned = {p * PAGE for p in rnd.sample(range(64), 5)}
+        scratch = {p * PAGE for p in rnd.sample(range(64), 2)}
+        hot = OrderedDict.fromkeys(p * PAGE for p in rnd.sample(range(64), rnd.randrange(20)))
+        count = rnd.randrange(0, 70)
+        got = C.choose(resident, count, pinned, scratch, hot)
+        assert got == pagecore._py_choose(resident, count, pinned, scratch, hot)
+        victims, passed = got
+        kept = [p for p in resident if p not in pinned and p not in scratch]
+        cold = [p for p in kept if p not in hot]
+        assert victims == cold[:count]
+        # the hot pages met before the last victim (all of them if the cold ran out)
+        end = kept.index(victims[-1]) if victims and len(victims) == count else len(kept)
+        assert passed == [p for p in kept[:end] if p in hot]

@@ -842,6 +842,65 @@ fail:
     return NULL;
 }
 
+/* ---- choose(resident, count, pinned, scratch, hot): 2Q's victims, the
+   oldest `count` resident pages in neither set and not hot, and the hot
+   ones passed over on the way (they go to the young end) */
+
+static int has(PyObject *books, PyObject *key)
+{
+    if (PyDict_Check(books))
+        return PyDict_Contains(books, key);
+    if (PyAnySet_Check(books))
+        return PySet_Contains(books, key);
+    return PySequence_Contains(books, key);
+}
+
+static PyObject *choose(PyObject *self, PyObject *args)
+{
+    PyObject *resident, *pinned, *scratch, *hot;
+    Py_ssize_t count;
+    if (!PyArg_ParseTuple(args, "OnOOO", &resident, &count, &pinned, &scratch, &hot))
+        return NULL;
+    PyObject *victims = PyList_New(0), *passed = PyList_New(0), *it = NULL, *key = NULL;
+    if (!victims || !passed)
+        goto fail;
+    if (count > 0) {
+        it = PyObject_GetIter(resident);
+        if (!it)
+            goto fail;
+        while ((key = PyIter_Next(it)) != NULL) {
+            int skip = has(pinned, key);
+            if (skip == 0)
+                skip = has(scratch, key);
+            if (skip < 0)
+                goto fail;
+            if (!skip) {
+                int is_hot = has(hot, key);
+                if (is_hot < 0 || PyList_Append(is_hot ? passed : victims, key) < 0)
+                    goto fail;
+                if (!is_hot && PyList_GET_SIZE(victims) == count) {
+                    Py_CLEAR(key);
+                    break;
+                }
+            }
+            Py_CLEAR(key);
+        }
+        if (PyErr_Occurred())
+            goto fail;
+        Py_CLEAR(it);
+    }
+    PyObject *out = PyTuple_Pack(2, victims, passed);
+    Py_DECREF(victims);
+    Py_DECREF(passed);
+    return out;
+fail:
+    Py_XDECREF(key);
+    Py_XDECREF(it);
+    Py_XDECREF(victims);
+    Py_XDECREF(passed);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"runs", runs, METH_O,
      "runs(pages) -> [(start, length)] of the contiguous runs of the sorted page addresses"},
@@ -859,6 +918,8 @@ static PyMethodDef methods[] = {
      "take(reply, at, pages, ticket, inflight, resident, page) -> (found, page's data, others, their data)"},
     {"messages", messages, METH_O,
      "messages(uffd_fd) -> [(event, a, b, c)]: every message waiting on the userfaultfd now"},
+    {"choose", choose, METH_VARARGS,
+     "choose(resident, count, pinned, scratch, hot) -> (victims, hot pages passed over): 2Q's choice"},
     {"within", within, METH_VARARGS,
      "within(pages, start, end) -> the page addresses of the set or dict in [start, end)"},
     {"fingerprint", fingerprint, METH_O,

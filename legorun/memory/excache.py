@@ -864,17 +864,7 @@ class ExCache:
         """FIFO that passes over hot pages (2Q's protected queue): they go to
         the young end instead, and stay hot until more recent refaults push
         them out of the hot set."""
-        victims, passed = [], []
-        pinned, hot, scratch = self.pinned, self.hot, self.scratch
-        for page in self.resident:
-            if page in pinned or page in scratch:
-                continue
-            if page in hot:
-                passed.append(page)
-                continue
-            victims.append(page)
-            if len(victims) == count:
-                break
+        victims, passed = PC.choose(self.resident, count, self.pinned, self.scratch, self.hot)
         for page in passed:
             self.resident.move_to_end(page)
         self.manager.stats.second_chances += len(passed)

@@ -232,6 +232,25 @@ def take(reply, at: int, pages: list, ticket, inflight: dict, resident, page: in
     return found, first, group, datas
 
 
+def choose(resident, count: int, pinned, scratch, hot) -> tuple:
+    """2Q's victims: the oldest `count` pages of `resident` (in its order)
+    in neither `pinned` nor `scratch` and not `hot`, and the hot ones passed
+    over on the way (ExCache._choose_2q sends them to the young end)."""
+    victims, passed = [], []
+    if count <= 0:
+        return victims, passed
+    for page in resident:
+        if page in pinned or page in scratch:
+            continue
+        if page in hot:
+            passed.append(page)
+            continue
+        victims.append(page)
+        if len(victims) == count:
+            break
+    return victims, passed
+
+
 def within(pages, start: int, end: int) -> list:
     """The page addresses of the set or dict `pages` in [start, end), by
     whichever is shorter to walk: the range or the collection."""
@@ -257,10 +276,10 @@ def run_list(pages: list) -> list:
 
 _py_absent, _py_classify, _py_read_pages, _py_install = absent, classify, read_pages, install
 _py_run_list, _py_fingerprint = run_list, fingerprint
-_py_views, _py_take, _py_within = views, take, within
+_py_views, _py_take, _py_within, _py_choose = views, take, within, choose
 _C = _select()
 if _C is not None:
     absent, classify, read_pages, install = _C.absent, _C.classify, _C.read_pages, _C.install
     run_list, fingerprint = _C.runs, _C.fingerprint
-    views, take, within = _C.views, _C.take, _C.within
+    views, take, within, choose = _C.views, _C.take, _C.within, _C.choose
 IMPLEMENTATION = "C" if _C is not None else "Python"

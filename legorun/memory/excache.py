@@ -275,17 +275,18 @@ class ExCache:
         return lo, hi
 
     def _forget(self, start: int, end: int) -> None:
-        for page in PC.within(self.inflight, start, end):
-            del self.inflight[page]  # its readahead data is stale now
-        for page in PC.within(self.prints, start, end):
-            del self.prints[page]
-        for page in PC.within(self.resident, start, end):
-            del self.resident[page]
-            self.ahead.discard(page)
-            self.dirty.discard(page)
-            self.hot.pop(page, None)
-        for page in PC.within(self.ghost, start, end):
-            del self.ghost[page]
+        # (the loops run in C: a process that exits unmaps its arenas one by
+        # one, hundreds of megabytes of pages to forget)
+        gone = PC.within(self.inflight, start, end)  # their readahead data is stale now
+        deque(map(self.inflight.pop, gone), maxlen=0)
+        deque(map(self.prints.pop, PC.within(self.prints, start, end)), maxlen=0)
+        gone = PC.within(self.resident, start, end)
+        deque(map(self.resident.pop, gone), maxlen=0)
+        self.ahead.difference_update(gone)
+        self.dirty.difference_update(gone)
+        if self.hot:
+            deque(map(self.hot.pop, gone, repeat(None)), maxlen=0)
+        deque(map(self.ghost.pop, PC.within(self.ghost, start, end)), maxlen=0)
         self.stored.difference_update(PC.within(self.stored, start, end))
 
     def unmapped(self, start: int, end: int) -> None:

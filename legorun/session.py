@@ -147,9 +147,12 @@ class Session:
         booting = {}  # the embedded mComponent launched ahead, or why it could not be
 
         def prepare():
-            """The ExCache is full for the first time: pages may have to go out
-            soon. The embedded mComponent boots meanwhile (~100 ms, on another
-            CPU) and gRPC loads (~45 ms) instead of at the first page sent."""
+            """The ExCache is half full for the first time: pages may have to
+            go out soon. The embedded mComponent boots meanwhile (~150 ms, on
+            another CPU), and gRPC loads (~70 ms) while it does, instead of
+            both at the first page sent. (gRPC loaded in a thread of its own
+            beside the booting mComponent was slower: 270 ms, and the first
+            store waited for it.)"""
             if address is None and not booting:
                 comp = EmbeddedComponent("mcomponent", "legorun_components.mcomponent", [])
                 try:

@@ -1325,6 +1325,8 @@ class MemoryManager:
 
     def fault_done(self, cache, page: int, pages: int, fetched: bool, seconds: float) -> None:
         self.latencies.add(seconds)
+        if self._prepare is not None and len(cache.resident) >= self.capacity // 2:
+            self.prepare()  # (the ExCache fills: an eviction, and a store, may come soon)
         if self.trace is not None:
             self.event(cache.pid, "fetch" if fetched else "fault", page, pages,
                        "mComponent" if fetched else "legorun", seconds)
@@ -1343,8 +1345,9 @@ class MemoryManager:
         return self._client
 
     def prepare(self) -> None:
-        """The first eviction: what connecting needs starts now (the embedded
-        mComponent boots while the guest runs on), in case pages go out."""
+        """The ExCache half full, or the first eviction: what
+        connecting needs starts now (the embedded mComponent boots while the
+        guest runs on), in case pages go out."""
         if self._prepare is not None:
             prepare, self._prepare = self._prepare, None
             prepare()

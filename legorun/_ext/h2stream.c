@@ -848,6 +848,13 @@ static int write_message(Stream *s, Py_buffer *bufs, int nb, size_t total, int g
     return 1;
 }
 
+/* Let go of the buffers hold_buffers() took (GIL held). */
+static void release_buffers(Py_buffer *bufs, int nb)
+{
+    for (int i = 0; i < nb; i++)
+        PyBuffer_Release(&bufs[i]);
+}
+
 /* The buffers of this many tuple items, held; their total length in *total.
    -1 with an exception set. */
 static int hold_buffers(PyObject *args, Py_buffer *bufs, size_t *total)
@@ -860,15 +867,13 @@ static int hold_buffers(PyObject *args, Py_buffer *bufs, size_t *total)
     *total = 0;
     for (Py_ssize_t i = 0; i < nb; i++) {
         if (PyObject_GetBuffer(PyTuple_GET_ITEM(args, i), &bufs[i], PyBUF_SIMPLE) < 0) {
-            while (i-- > 0)
-                PyBuffer_Release(&bufs[i]);
+            release_buffers(bufs, (int)i);
             return -1;
         }
         *total += bufs[i].len;
     }
     if (*total > MSG_MAX) {
-        for (Py_ssize_t i = 0; i < nb; i++)
-            PyBuffer_Release(&bufs[i]);
+        release_buffers(bufs, (int)nb);
         PyErr_SetString(PyExc_ValueError, "message too large");
         return -1;
     }
@@ -884,8 +889,7 @@ static void release_written(Stream *s)
     pthread_mutex_unlock(&s->mu);
     while (o) {
         struct out *next = o->next;
-        for (int i = 0; i < o->nb; i++)
-            PyBuffer_Release(&o->bufs[i]);
+        release_buffers(o->bufs, o->nb);
         free(o);
         o = next;
     }
@@ -947,8 +951,7 @@ static PyObject *stream_send(Stream *s, PyObject *args)
     }
     int err;
     int ok = write_message(s, bufs, nb, total, 1, &err);
-    for (int i = 0; i < nb; i++)
-        PyBuffer_Release(&bufs[i]);
+    release_buffers(bufs, nb);
     if (err)
         fail(s, E_ERRNO, err, 0);
     return PyBool_FromLong(ok);
@@ -978,8 +981,7 @@ static PyObject *stream_post(Stream *s, PyObject *args)
     if (ok && !s->writer_started) {
         if (pthread_create(&s->writer, NULL, writer_main, s) != 0) {
             pthread_mutex_unlock(&s->mu);
-            for (int i = 0; i < nb; i++)
-                PyBuffer_Release(&o->bufs[i]);
+            release_buffers(o->bufs, nb);
             free(o);
             PyErr_SetString(PyExc_OSError, "cannot start the stream's writer thread");
             return NULL;
@@ -998,8 +1000,7 @@ static PyObject *stream_post(Stream *s, PyObject *args)
     }
     pthread_mutex_unlock(&s->mu);
     if (!ok) {
-        for (int i = 0; i < nb; i++)
-            PyBuffer_Release(&o->bufs[i]);
+        release_buffers(o->bufs, nb);
         free(o);
     }
     return PyBool_FromLong(ok);

@@ -996,9 +996,8 @@ class ExCache:
         self.ahead.difference_update(victims)
         self.dirty.difference_update(victims)
         if self.manager.policy == "2q":
+            # (no victim is hot: _choose_2q passes over the hot ones)
             ghost = self.ghost
-            if self.hot:
-                deque(map(self.hot.pop, chosen, repeat(None)), maxlen=0)
             ghost.update(zip(chosen, repeat(None)))  # (oldest first)
             excess = len(ghost) - self.manager.capacity // 2
             if excess > 0:
